@@ -1,0 +1,1 @@
+"""The mla-registry command line (installed as mla_registry.cli)."""

@@ -1,0 +1,33 @@
+"""Exception types. Every message names the file, key or value at fault."""
+
+
+class MlaRegistryError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class PluginError(MlaRegistryError):
+    """A plugin is missing, broken, or two plugins claim the same name."""
+
+
+class KwargError(MlaRegistryError, ValueError):
+    """A builder kwarg is unknown, of the wrong type, or outside its allowed values."""
+
+
+class SlotError(MlaRegistryError):
+    """A slot selection matches nothing, or names a slot the model does not have."""
+
+
+class CheckpointError(MlaRegistryError):
+    """A checkpoint directory is incomplete, from a newer format, or does not match its weights."""
+
+
+class ModelRefError(MlaRegistryError):
+    """A model reference (hub id, directory, bundled:NAME) cannot be resolved."""
+
+
+class DataError(MlaRegistryError):
+    """A dataset reference or an audio file cannot be read."""
+
+
+class ExperimentError(MlaRegistryError):
+    """An experiments YAML file is invalid."""
