@@ -6,6 +6,7 @@ shape facts a builder needs.
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from ..builder import Slot
@@ -45,3 +46,40 @@ def _slot(config, path, kind, i, module, *, heads, causal, cross, layer_idx) -> 
         path=path, kind=kind, layer=i, embed_dim=config.d_model, num_heads=heads, is_causal=causal,
         is_cross=cross, bias=True, dropout=float(config.attention_dropout), layer_idx=layer_idx, config=config,
     )
+
+
+# --- inputs -------------------------------------------------------------------------------------------------
+SAMPLING_RATE = 16000
+
+
+def input_features(processor, audios, device=None, dtype=None):
+    """Log-mel features ``[B, mels, 3000]`` for a list of 16 kHz float arrays (30 s windows, as Whisper trains)."""
+    feats = processor.feature_extractor(list(audios), sampling_rate=SAMPLING_RATE, return_tensors="pt").input_features
+    return feats.to(device=device, dtype=dtype) if device is not None or dtype is not None else feats
+
+
+def prompt_ids(model) -> list[int]:
+    """The decoder prompt generate() starts from: ``<|startoftranscript|>`` (+ ``<|notimestamps|>``)."""
+    gen = model.generation_config
+    ids = [gen.decoder_start_token_id]
+    no_ts = getattr(gen, "no_timestamps_token_id", None)
+    if no_ts is not None:
+        ids.append(no_ts)
+    return ids
+
+
+def teacher_forcing(model, tokenizer, texts, device=None):
+    """``(decoder_input_ids, labels, mask)`` for transcripts: prompt + text + eos; labels are the inputs shifted
+    left, -100 on the prompt and padding."""
+    prompt = prompt_ids(model)
+    eos = model.generation_config.eos_token_id
+    eos = eos[0] if isinstance(eos, list) else eos
+    seqs = [prompt + tokenizer(" " + t.strip(), add_special_tokens=False).input_ids + [eos] for t in texts]
+    width = max(len(s) for s in seqs) - 1
+    inputs = torch.full((len(seqs), width), eos, dtype=torch.long)
+    labels = torch.full((len(seqs), width), -100, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        inputs[i, : len(s) - 1] = torch.tensor(s[:-1])
+        labels[i, len(prompt) - 1 : len(s) - 1] = torch.tensor(s[len(prompt):])
+    mask = labels != -100
+    return inputs.to(device), labels.to(device), mask.to(device)

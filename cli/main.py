@@ -1,0 +1,51 @@
+"""The ``mla-registry`` command group. Each command is a thin shell over one library function."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+
+import click
+
+from mla_registry import __version__
+from mla_registry.errors import MlaRegistryError
+
+
+class Group(click.Group):
+    """A click group that prints mla-registry errors as one clear line instead of a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except MlaRegistryError as exc:
+            raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="mla-registry")
+def cli() -> None:
+    """Convert the attention of a pretrained Whisper model (MHA -> GQA / MLA), save it as a self-describing
+    checkpoint, reload it, and measure its test word error rate.
+
+    \b
+    Examples:
+      mla-registry plugins
+      mla-registry evaluate --model bundled:whisper-tiny.en --data builtin:real
+      mla-registry convert --model bundled:whisper-tiny.en --attention 'decoder.*=mla:rank=192' --out ckpt/mla192
+      mla-registry evaluate --model ckpt/mla192 --data builtin:tts-test --out runs/mla192
+    """
+    if not sys.warnoptions:
+        warnings.filterwarnings("once", category=UserWarning, module="mla_registry")
+
+
+def _register() -> None:
+    from . import convert, evaluate, import_ct2, plugins
+
+    for module in (plugins, import_ct2, convert, evaluate):
+        cli.add_command(module.command)
+
+
+_register()
+
+if __name__ == "__main__":  # pragma: no cover
+    cli()

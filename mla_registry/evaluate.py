@@ -1,0 +1,169 @@
+"""Evaluate one model on one dataset: batched transcription, WER/CER, per-utterance records, timings and the
+KV cache the model really held.
+
+Encoder outputs can be shared between models whose encoders are identical (:class:`EncoderOutputs`, keyed by a
+hash of the encoder's weights, not by trust), so comparing N decoder variants costs one encoder pass.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers.modeling_outputs import BaseModelOutput
+
+from . import normalize, scoring
+from .cache import write_json_atomic, write_text_atomic
+from .data import Utterance
+from .families import whisper
+from .surgery import describe
+
+SAMPLING_RATE = whisper.SAMPLING_RATE
+
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    """Decoding settings: identical for every model compared in one run."""
+
+    batch_size: int = 16
+    num_beams: int = 1
+    max_new_tokens: int = 128
+
+
+def encoder_fingerprint(model: nn.Module) -> str:
+    """sha256 over the encoder's parameter names, dtypes, shapes and bytes: equal only for identical encoders."""
+    h = hashlib.sha256()
+    for name, t in model.get_encoder().state_dict().items():
+        t = t.detach().contiguous().cpu()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+class EncoderOutputs:
+    """Encoder outputs per (encoder fingerprint, batch of utterance ids), computed once and reused."""
+
+    def __init__(self) -> None:
+        self._store: dict[tuple[str, tuple[str, ...]], torch.Tensor] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, model: nn.Module, fingerprint: str, ids: tuple[str, ...], feats: torch.Tensor) -> torch.Tensor:
+        key = (fingerprint, ids)
+        if key in self._store:
+            self.hits += 1
+            return self._store[key]
+        self.misses += 1
+        out = model.get_encoder()(feats).last_hidden_state
+        self._store[key] = out
+        return out
+
+
+def measure_cache(past_key_values) -> dict[str, float]:
+    """Bytes the cache really holds after generation, per sample: self-attention per token, cross per utterance."""
+    out = {"kv_self_bytes_per_token": 0.0, "kv_cross_bytes_per_utterance": 0.0}
+    if past_key_values is None:
+        return out
+    for attr, key in (("self_attention_cache", "self"), ("cross_attention_cache", "cross")):
+        cache = getattr(past_key_values, attr, None)
+        for layer in getattr(cache, "layers", []):
+            k, v = getattr(layer, "keys", None), getattr(layer, "values", None)
+            if k is None or not torch.is_tensor(k) or k.dim() < 3:
+                continue
+            batch, length = k.shape[0], k.shape[-2]
+            nbytes = k.numel() * k.element_size() + (v.numel() * v.element_size() if v is not None else 0)
+            if key == "self":
+                out["kv_self_bytes_per_token"] += nbytes / (batch * max(length, 1))
+            else:
+                out["kv_cross_bytes_per_utterance"] += nbytes / batch
+    return out
+
+
+@torch.no_grad()
+def transcribe(model: nn.Module, processor, utts: list[Utterance], settings: DecodeSettings = DecodeSettings(),
+               encoder_outputs: EncoderOutputs | None = None, quiet: bool = False,
+               desc: str = "transcribing") -> tuple[list[str], dict[str, Any]]:
+    """Greedy (or beam) transcripts of ``utts`` in order, and timings plus the measured KV cache."""
+    param = next(model.parameters())
+    fingerprint = encoder_fingerprint(model) if encoder_outputs is not None else ""
+    hyps: list[str] = []
+    stats = {"encoder_seconds": 0.0, "decode_seconds": 0.0, "generated_tokens": 0,
+             "audio_seconds": sum(len(u.audio) for u in utts) / SAMPLING_RATE}
+    kv: dict[str, float] | None = None
+    bar = tqdm(total=len(utts), desc=desc, disable=quiet, unit="utt")
+    for i in range(0, len(utts), settings.batch_size):
+        batch = utts[i: i + settings.batch_size]
+        feats = whisper.input_features(processor, [u.audio for u in batch], param.device, param.dtype)
+        t0 = time.perf_counter()
+        if encoder_outputs is not None:
+            hidden = encoder_outputs.get(model, fingerprint, tuple(u.id for u in batch), feats)
+        else:
+            hidden = model.get_encoder()(feats).last_hidden_state
+        t1 = time.perf_counter()
+        out = model.generate(
+            encoder_outputs=BaseModelOutput(last_hidden_state=hidden),
+            num_beams=settings.num_beams, max_new_tokens=settings.max_new_tokens, do_sample=False,
+            return_dict_in_generate=True,
+        )
+        t2 = time.perf_counter()
+        stats["encoder_seconds"] += t1 - t0
+        stats["decode_seconds"] += t2 - t1
+        prompt = len(whisper.prompt_ids(model))
+        seqs = out.sequences
+        eos = model.generation_config.eos_token_id
+        eos = set(eos if isinstance(eos, list) else [eos])
+        for row in seqs[:, prompt:].tolist():
+            stats["generated_tokens"] += next((j + 1 for j, t in enumerate(row) if t in eos), len(row))
+        if kv is None:
+            kv = measure_cache(getattr(out, "past_key_values", None))
+        hyps += [t.strip() for t in processor.tokenizer.batch_decode(seqs, skip_special_tokens=True)]
+        bar.update(len(batch))
+    bar.close()
+    stats.update(kv or measure_cache(None))
+    stats["decode_tokens_per_second"] = stats["generated_tokens"] / max(stats["decode_seconds"], 1e-9)
+    stats["real_time_factor"] = (stats["encoder_seconds"] + stats["decode_seconds"]) / max(
+        stats["audio_seconds"], 1e-9)
+    return hyps, stats
+
+
+def records_for(utts: list[Utterance], hyps: list[str]) -> list[dict[str, Any]]:
+    """Per-utterance records: id, voice, source, reference, hypothesis, normalised forms and edit counts."""
+    out = []
+    for u, h in zip(utts, hyps):
+        out.append({"id": u.id, "voice": u.voice, "source": u.source, "reference": u.text, "hypothesis": h,
+                    **scoring.score_utterance(u.text, h)})
+    return out
+
+
+def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Totals plus per-voice and per-source breakdowns."""
+    return {**scoring.totals(records), "by_voice": scoring.by_group(records, "voice"),
+            "by_source": scoring.by_group(records, "source"), "normalizer": normalize.name()}
+
+
+def evaluate(model: nn.Module, processor, utts: list[Utterance], settings: DecodeSettings = DecodeSettings(),
+             out_dir: str | Path | None = None, encoder_outputs: EncoderOutputs | None = None,
+             quiet: bool = False, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Transcribe, score, and (with ``out_dir``) write ``predictions.jsonl`` and ``metrics.json`` atomically."""
+    hyps, stats = transcribe(model, processor, utts, settings, encoder_outputs, quiet)
+    records = records_for(utts, hyps)
+    metrics = {
+        **summarise(records),
+        "decoding": asdict(settings),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "attention": describe(model),
+        **stats,
+        **(extra or {}),
+    }
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        write_text_atomic(out_dir / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+        write_json_atomic(out_dir / "metrics.json", metrics)
+    return metrics
