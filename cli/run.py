@@ -1,0 +1,40 @@
+"""``mla-registry run``: every variant of an experiments YAML through the same evaluation."""
+
+from __future__ import annotations
+
+import click
+
+from .options import quiet_option
+
+
+@click.command("run")
+@click.argument("config", type=click.Path(dir_okay=False), default="experiments.yaml", required=False)
+@click.option("--force", is_flag=True, help="Recompute every variant, even those already finished.")
+@click.option("--check", is_flag=True, help="Only validate the YAML (plugins, kwargs, slots, datasets).")
+@click.option("--format", "fmt", default="simple", show_default=True, help="Table format: simple, github, latex.")
+@quiet_option
+def command(config: str, force: bool, check: bool, fmt: str, quiet: bool) -> None:
+    """Convert (and fine-tune) every variant named in CONFIG, save each as a checkpoint, reload it from disk,
+    evaluate all of them on the same test set with the same decoding, and print the comparison.
+
+    Interrupted runs resume: finished variants are not recomputed. Outputs go to <output_dir>/<name>/.
+
+    \b
+    Examples:
+      mla-registry run experiments.yaml
+      mla-registry run experiments.yaml --check
+      mla-registry run my-study.yaml --force --quiet
+    """
+    from mla_registry import experiments, runner
+
+    exp = experiments.load(config)
+    if check:
+        click.echo(f"{config}: OK ({len(exp.variants)} variants; outputs in {exp.run_dir})")
+        return
+    results = runner.run(exp, force=force, quiet=quiet)
+    from mla_registry import report
+
+    click.echo(report.full_report(exp.run_dir, fmt))
+    click.echo(f"\nwrote {exp.run_dir}/results.json, report.md, report.csv "
+               f"({results['wall_seconds_this_invocation']:.0f} s this run; encoder batches computed "
+               f"{results['encoder_reuse']['computed_batches']}, reused {results['encoder_reuse']['reused_batches']})")
