@@ -39,9 +39,9 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from . import convert, evaluate, import_ct2, plugins
+    from . import convert, evaluate, import_ct2, plugins, report, run
 
-    for module in (plugins, import_ct2, convert, evaluate):
+    for module in (plugins, import_ct2, convert, evaluate, run, report):
         cli.add_command(module.command)
 
 

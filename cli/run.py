@@ -38,3 +38,9 @@ def command(config: str, force: bool, check: bool, fmt: str, quiet: bool) -> Non
     click.echo(f"\nwrote {exp.run_dir}/results.json, report.md, report.csv "
                f"({results['wall_seconds_this_invocation']:.0f} s this run; encoder batches computed "
                f"{results['encoder_reuse']['computed_batches']}, reused {results['encoder_reuse']['reused_batches']})")
+    if results.get("tradeoff_png"):
+        click.echo(f"wrote {results['tradeoff_png']}")
+    else:
+        from mla_registry.plot import INSTALL_HINT
+
+        click.echo(INSTALL_HINT)

@@ -73,7 +73,7 @@ def _checkpoint(exp: Experiment, v: Variant, vdir: Path, fingerprint: str, force
 
 def run(exp: Experiment, force: bool = False, quiet: bool = False) -> dict[str, Any]:
     """Run every variant of ``exp`` and write ``results.json`` and the reports under ``exp.run_dir``."""
-    from . import report
+    from . import plot, report
 
     run_dir = exp.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -83,8 +83,8 @@ def run(exp: Experiment, force: bool = False, quiet: bool = False) -> dict[str, 
         utts += data.load(ref, limit=exp.data.get("limit"), quiet=quiet)
     if not utts:
         raise ExperimentError(f"{exp.path}: data.test gave no utterances")
-    data_desc = {"test": [data.describe(r) for r in exp.test_refs], "utterances": len(utts),
-                 "fingerprint": data.fingerprint_of(utts)}
+    data_desc = {"ref": " + ".join(exp.test_refs), "sets": [data.describe(r) for r in exp.test_refs],
+                 "utterances": len(utts), "fingerprint": data.fingerprint_of(utts)}
     base_processor = models.load_processor(exp.base_model)
     shared = EncoderOutputs()
     entries = []
@@ -110,7 +110,9 @@ def run(exp: Experiment, force: bool = False, quiet: bool = False) -> dict[str, 
     results = _write_results(exp, entries, data_desc)
     results["wall_seconds_this_invocation"] = time.perf_counter() - t_start
     results["encoder_reuse"] = {"computed_batches": shared.misses, "reused_batches": shared.hits}
+    png = plot.tradeoff_plot(run_dir)
     report.write_reports(run_dir)
+    results["tradeoff_png"] = str(png) if png else None
     return results
 
 

@@ -1,0 +1,95 @@
+"""The accuracy/memory trade-off of one run's variants: test WER against KV-cache bytes per utterance, with the
+Pareto front. matplotlib (the optional ``plot`` extra) is imported lazily, Agg canvas only, no pyplot state."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .errors import ExperimentError
+from .report import RunLike, load_run
+
+INSTALL_HINT = "pip install 'mla-registry[plot]' to draw tradeoff.png"
+
+
+def kv_bytes_per_utterance(metrics: dict[str, Any]) -> float | None:
+    """Cross-attention bytes per utterance + self-attention bytes per token × mean generated tokens per utterance."""
+    cross, self_ = metrics.get("kv_cross_bytes_per_utterance"), metrics.get("kv_self_bytes_per_token")
+    tokens, utts = metrics.get("generated_tokens"), metrics.get("utterances")
+    if cross is None or self_ is None:
+        return None
+    mean_tokens = tokens / utts if tokens is not None and utts else 0.0
+    return float(cross) + float(self_) * mean_tokens
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points (bytes, wer) that no other point beats on both (fewer or equal bytes and lower WER),
+    in order of increasing bytes."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], points[i][1]))
+    front: list[int] = []
+    best = float("inf")
+    for i in order:
+        if points[i][1] < best:
+            front.append(i)
+            best = points[i][1]
+    return front
+
+
+def tradeoff_plot(run_dir: RunLike) -> Path | None:
+    """Draw ``run_dir/tradeoff.png`` (written atomically) and return its path; ``None`` when matplotlib is not
+    installed (print :data:`INSTALL_HINT` then)."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        return None
+    run = load_run(run_dir)
+    base = run.results.get("baseline")
+    names, pts = [], []
+    for v in run.variants:
+        x = kv_bytes_per_utterance(v["metrics"])
+        if x is not None:
+            names.append(v["name"])
+            pts.append((x / 1e6, 100 * float(v["metrics"]["wer"])))
+    if not pts:
+        raise ExperimentError(f"{run.dir / 'results.json'}: no variant has KV-cache figures to plot")
+
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    front = pareto_front(pts)
+    if len(front) > 1:
+        ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "-", color="tab:green", alpha=0.6,
+                label="Pareto front", zorder=1)
+    for name, (x, y) in zip(names, pts):
+        is_base = name == base
+        ax.scatter([x], [y], marker="*" if is_base else "o", s=160 if is_base else 40,
+                   color="tab:red" if is_base else "tab:blue", zorder=2,
+                   label="baseline" if is_base else None)
+        ax.annotate(name + (" (baseline)" if is_base else ""), (x, y), textcoords="offset points", xytext=(5, 5),
+                    fontsize=8)
+    xs = [p[0] for p in pts]
+    if min(xs) > 0 and max(xs) / min(xs) > 20:
+        ax.set_xscale("log")
+    ax.set_xlabel("KV cache per utterance (MB) = cross bytes + self bytes/token × mean generated tokens")
+    ax.set_ylabel("test WER (%)")
+    ax.set_title(str(run.results.get("experiment") or run.dir.name))
+    ax.margins(0.1)
+    ax.grid(True, alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+
+    out = run.dir / "tradeoff.png"
+    fd, tmp = tempfile.mkstemp(prefix=".tradeoff.", suffix=".png.tmp", dir=run.dir)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, format="png", dpi=120)
+        os.replace(tmp, out)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return out
