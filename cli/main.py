@@ -36,6 +36,10 @@ def cli() -> None:
     """
     if not sys.warnoptions:
         warnings.filterwarnings("once", category=UserWarning, module="mla_registry")
+    import transformers
+
+    # transformers' generate() warns on every call about settings Whisper itself passes; keep the output readable
+    transformers.logging.set_verbosity_error()
 
 
 def _register() -> None:

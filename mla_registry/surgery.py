@@ -180,8 +180,15 @@ def describe(model: nn.Module) -> dict[str, str]:
     recs = _records(model)
     out: dict[str, set[str]] = {}
     for s in whisper.slots(model):
-        r = recs.get(s.path)
-        label = "mha" if r is None else r["plugin"] + (
-            "(" + ",".join(f"{k}={v}" for k, v in r["kwargs"].items()) + ")" if r["kwargs"] else "")
-        out.setdefault(s.kind, set()).add(label if r else "stock")
+        out.setdefault(s.kind, set()).add(short_form(recs[s.path]) if s.path in recs else "stock")
     return {k: "/".join(sorted(v)) for k, v in out.items()}
+
+
+def short_form(rec: dict) -> str:
+    """``mla(rank=192)``: the plugin and the kwargs that differ from their defaults."""
+    try:
+        defaults = {k.name: k.default for k in get_builder(rec["plugin"]).kwargs if not k.required}
+    except Exception:  # noqa: BLE001 - a label must not fail; show every kwarg instead
+        defaults = {}
+    args = ",".join(f"{k}={v}" for k, v in rec.get("kwargs", {}).items() if defaults.get(k, object()) != v)
+    return rec["plugin"] + (f"({args})" if args else "")

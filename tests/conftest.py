@@ -51,7 +51,7 @@ def install_plugin(tmp_path, monkeypatch):
             del sys.modules[mod]
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def tiny_model():
     """A factory of tiny random-weight Whisper models (same seed, same weights)."""
     return tiny_whisper
