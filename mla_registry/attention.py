@@ -1,0 +1,157 @@
+"""Machinery shared by the attention modules of the built-in plugins (``mha``, ``gqa``, ``mla``).
+
+- :class:`SlotAttention`: the attributes every replacement keeps from Whisper's ``WhisperAttention``
+  (``embed_dim``, ``num_heads``, ``head_dim``, ``scaling``, ``is_causal``, ``layer_idx``, ...).
+- :func:`attend`: one scaled-dot-product-attention call with the causal handling the host model relies on.
+  Whisper's decoder passes ``attention_mask=None`` under SDPA (generate and teacher-forced training) and
+  expects the module to apply causality itself; forgetting it trains a non-causal decoder without any error.
+- :func:`select_cache` / :func:`cached_states`: the ``EncoderDecoderCache`` protocol of ``WhisperAttention``
+  (self-attention appends, cross-attention computes once and reuses).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from transformers.cache_utils import Cache, EncoderDecoderCache
+
+from .builder import Slot
+
+KV = tuple[torch.Tensor, torch.Tensor]
+
+
+class SlotAttention(nn.Module):
+    """Base of the replacement modules: the shape facts and flags of the slot it fills, named as in
+    ``WhisperAttention`` so the host model and transformers' utilities find what they expect."""
+
+    def __init__(self, slot: Slot) -> None:
+        super().__init__()
+        if slot.embed_dim % slot.num_heads:
+            raise ValueError(f"slot {slot.name}: embed_dim {slot.embed_dim} is not divisible by "
+                             f"{slot.num_heads} heads")
+        self.embed_dim = slot.embed_dim
+        self.num_heads = slot.num_heads
+        self.head_dim = slot.embed_dim // slot.num_heads
+        self.scaling = self.head_dim**-0.5
+        self.dropout = slot.dropout
+        self.is_causal = slot.is_causal
+        self.is_decoder = slot.kind.startswith("decoder")
+        self.is_cross = slot.is_cross
+        self.layer_idx = slot.layer_idx
+
+    def param_bytes(self) -> int:
+        """Bytes per element of the module's parameters (the dtype its cache will hold)."""
+        return next(self.parameters()).element_size()
+
+    def kv_cache_bytes_per_token(self) -> int:  # pragma: no cover - abstract
+        """Bytes the cache holds per cached token per sample (for a cross slot: per encoder frame)."""
+        raise NotImplementedError
+
+    def split_heads(self, x: torch.Tensor, heads: int) -> torch.Tensor:
+        """``[B, T, heads * D]`` -> ``[B, heads, T, D]`` (contiguous, as the stock module makes it)."""
+        return x.view(x.shape[0], x.shape[1], heads, -1).transpose(1, 2).contiguous()
+
+    def query(self, q_proj: nn.Linear, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Queries ``[B, H, q, D]``, pre-scaled by ``head_dim**-0.5`` exactly as Whisper does (attention then
+        runs with scale 1.0; keeping this order keeps the outputs bit-identical to the stock module)."""
+        return self.split_heads(q_proj(hidden_states) * self.scaling, self.num_heads)
+
+    def merge_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, H, q, D]`` -> ``[B, q, H * D]``."""
+        return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], -1).contiguous()
+
+    def dropout_p(self) -> float:
+        """Attention-probability dropout: the slot's rate while training, none in eval."""
+        return self.dropout if self.training else 0.0
+
+
+def causal_mask(q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:
+    """Boolean ``[q_len, kv_len]`` mask (True = may attend), aligned bottom-right: query ``i`` is the token at
+    position ``kv_len - q_len + i`` and sees every key up to it (the cached prefix included)."""
+    return torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril(diagonal=kv_len - q_len)
+
+
+def attend(
+    module: SlotAttention,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    *,
+    scale: float = 1.0,
+    output_attentions: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Attention of ``query [B, H, q, D]`` over ``key [B, Hk, T, D]`` / ``value [B, Hk, T, Dv]`` (``Hk``
+    divides ``H``: grouped or multi-query attention without repeating K/V).
+    Returns ``([B, H, q, Dv], weights or None)``.
+
+    Causality: a given mask is used as is; with no mask, a causal module with ``q > 1`` attends causally
+    (SDPA's ``is_causal`` when there is no cached prefix, an explicit bottom-right mask when there is one).
+    Weights are only computed (by an explicit softmax) when ``output_attentions`` asks for them.
+    """
+    q_len, kv_len = query.shape[-2], key.shape[-2]
+    gqa = key.shape[1] != query.shape[1]
+    mask = attention_mask
+    use_causal_flag = False
+    if mask is None and module.is_causal and q_len > 1:
+        if kv_len == q_len:
+            use_causal_flag = True
+        else:
+            mask = causal_mask(q_len, kv_len, query.device)
+    dropout = module.dropout_p()
+
+    if output_attentions:
+        if gqa:
+            rep = query.shape[1] // key.shape[1]
+            key, value = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
+        scores = torch.matmul(query, key.transpose(-1, -2)) * scale
+        if use_causal_flag:
+            mask = causal_mask(q_len, kv_len, query.device)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+        weights = torch.softmax(scores, dim=-1)
+        probs = nn.functional.dropout(weights, p=dropout, training=module.training)
+        return torch.matmul(probs, value), weights
+
+    out = nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, dropout_p=dropout, scale=scale, is_causal=use_causal_flag,
+        **({"enable_gqa": True} if gqa else {}),
+    )
+    return out, None
+
+
+def select_cache(
+    past_key_values: Cache | None, layer_idx: int | None, is_cross: bool
+) -> tuple[Cache | None, bool]:
+    """The part of ``past_key_values`` this call uses, and whether its cross-attention entry is filled.
+
+    Mirrors ``WhisperAttention``: for an ``EncoderDecoderCache`` a cross-attention call reads and then sets
+    ``is_updated[layer_idx]``; self-attention uses ``self_attention_cache``. A plain cache is used as is.
+    """
+    if not isinstance(past_key_values, EncoderDecoderCache):
+        return past_key_values, False
+    is_updated = bool(past_key_values.is_updated.get(layer_idx))
+    if is_cross:
+        past_key_values.is_updated[layer_idx] = True
+        return past_key_values.cross_attention_cache, is_updated
+    return past_key_values.self_attention_cache, is_updated
+
+
+def cached_states(
+    past_key_values: Cache | None, layer_idx: int | None, is_cross: bool, compute: Callable[[], KV]
+) -> KV:
+    """The (keys, values) entry this call attends over: ``compute()`` of the new tokens appended to the cache,
+    or, for cross-attention whose cache is already filled, the cached entry itself (no recomputation).
+
+    What is stored is up to the module (MLA stores its latent as keys and a zero-width tensor as values).
+    """
+    cache, is_updated = select_cache(past_key_values, layer_idx, is_cross)
+    if is_cross and cache is not None and is_updated:
+        layer = cache.layers[layer_idx]
+        return layer.keys, layer.values
+    keys, values = compute()
+    if cache is not None:
+        keys, values = cache.update(keys, values, layer_idx)
+    return keys, values

@@ -1,0 +1,203 @@
+"""``mla``: multi-head latent attention (DeepSeek-V2) converted from a pretrained Whisper attention.
+
+Keys and values are up-projected from one shared latent ``c = kv_down(x)`` of width ``rank``; only ``c`` is
+cached (``rank`` values per token instead of ``2 * embed_dim``). The cache layer stores the latent as its
+keys, ``[B, 1, T, rank]``, and a zero-width ``[B, 1, T, 0]`` tensor as its values, so the host cache's
+sequence length and beam reordering keep working unchanged.
+
+Conversion factorises the stacked ``W = [W_k; W_v]`` (``2d x d``) as ``W ~ U U^T W`` with ``U``
+(``2d x rank``) orthonormal: ``k_up``/``v_up`` are ``U``'s K/V rows, ``kv_down = U^T W``. ``init="svd"``
+takes ``U`` from the SVD of ``W``; ``init="activation"`` (default) from the SVD of ``W L`` with
+``L L^T = X^T X`` over the module's real inputs ``X`` on calibration audio, i.e. the principal directions of
+the actual K/V activations, which minimises their reconstruction error. ``rank == embed_dim`` reproduces the
+original exactly.
+
+Absorption (``absorb=True``): in eval mode with a cache (decoding: ``generate()`` or a cached forward)
+``W_uk`` is applied on the query side and ``W_uv`` after attention, so attention runs over the latent as
+multi-query attention and K/V are never re-expanded (the win for cross-attention over 1500 encoder frames).
+The per-head ``W_uk``/``W_uv`` are views of ``k_up``/``v_up`` used on the fly, so nothing derived is stored
+or goes stale. Training and cache-less calls (the encoder, teacher-forced loss) re-expand K/V and run
+ordinary attention.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.cache_utils import Cache
+
+from mla_registry.attention import SlotAttention, attend, cached_states
+from mla_registry.builder import AttentionBuilder, ConversionContext, Kwarg, Slot
+from mla_registry.errors import KwargError
+from mla_registry.hookspecs import hookimpl
+
+INITS = ("activation", "svd")
+
+
+class MultiHeadLatentAttention(SlotAttention):
+    """Whisper-interface attention whose K and V come from one cached latent of width ``rank``."""
+
+    def __init__(self, slot: Slot, rank: int, absorb: bool = True) -> None:
+        super().__init__(slot)
+        self.rank = rank
+        self.absorb = absorb
+        d = self.embed_dim
+        self.q_proj = nn.Linear(d, d, bias=slot.bias)
+        self.kv_down = nn.Linear(d, rank, bias=False)
+        self.k_up = nn.Linear(rank, d, bias=False)
+        self.v_up = nn.Linear(rank, d, bias=slot.bias)
+        self.out_proj = nn.Linear(d, d, bias=slot.bias)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        key_value_states: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        output_attentions: bool = False,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Same call and return as ``WhisperAttention.forward``; cross-attention when ``key_value_states``."""
+        is_cross = key_value_states is not None
+        source = key_value_states if is_cross else hidden_states
+        query = self.query(self.q_proj, hidden_states)
+
+        def project() -> tuple[torch.Tensor, torch.Tensor]:
+            latent = self.kv_down(source).unsqueeze(1)  # [B, 1, T, rank]
+            return latent, latent.new_zeros((*latent.shape[:-1], 0))
+
+        latent, _ = cached_states(past_key_values, self.layer_idx, is_cross, project)
+        if self.absorb and not self.training and past_key_values is not None:
+            out, weights = self._absorbed(query, latent, attention_mask, output_attentions)
+        else:
+            c = latent.squeeze(1)
+            key = self.split_heads(self.k_up(c), self.num_heads)
+            value = self.split_heads(self.v_up(c), self.num_heads)
+            out, weights = attend(self, query, key, value, attention_mask,
+                                  output_attentions=output_attentions)
+        return self.out_proj(self.merge_heads(out)), weights
+
+    def _absorbed(
+        self, query: torch.Tensor, latent: torch.Tensor, mask: torch.Tensor | None, output_attentions: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Attention in latent space: ``q_h W_uk_h`` against ``c`` (scale 1.0: ``q`` is already scaled, so
+        the scores equal ``q_h . k_h``), then ``(softmax . c) W_uv_h^T + b_v_h`` per head.
+        Returns ``[B, H, q, head_dim]``."""
+        heads, hd = self.num_heads, self.head_dim
+        w_uk = self.k_up.weight.view(heads, hd, self.rank)
+        w_uv = self.v_up.weight.view(heads, hd, self.rank)
+        q_latent = torch.matmul(query, w_uk)  # [B, H, q, rank]
+        mixed, weights = attend(self, q_latent, latent, latent, mask, scale=1.0,
+                                output_attentions=output_attentions)
+        out = torch.matmul(mixed, w_uv.transpose(-1, -2))  # [B, H, q, head_dim]
+        if self.v_up.bias is not None:
+            out = out + self.v_up.bias.view(heads, 1, hd)
+        return out, weights
+
+    def kv_cache_bytes_per_token(self) -> int:
+        """Only the latent: ``rank`` elements per token."""
+        return self.rank * self.param_bytes()
+
+
+def _fix_signs(u: torch.Tensor) -> torch.Tensor:
+    """Flip each column so its largest-magnitude entry is positive (SVD signs are otherwise arbitrary)."""
+    idx = u.abs().argmax(dim=0)
+    signs = torch.sign(u[idx, torch.arange(u.shape[1])])
+    return u * torch.where(signs == 0, torch.ones_like(signs), signs)
+
+
+def latent_basis(w: torch.Tensor, rank: int, inputs: torch.Tensor | None = None) -> torch.Tensor:
+    """Orthonormal ``U`` (``2d x rank``, float64) spanning the best rank-``rank`` range of ``w`` (``2d x d``).
+
+    Without ``inputs``: the top left singular vectors of ``w`` (plain truncated SVD). With ``inputs`` ``X``
+    (``[tokens, d]``): the top eigenvectors of ``W X^T X W^T``, computed stably as the left singular vectors
+    of ``W L`` (``L`` the Cholesky factor of ``X^T X`` plus a 1e-6 relative ridge, which keeps it invertible
+    so ``rank == d`` stays exact even with few calibration tokens).
+    """
+    w = w.double().cpu()
+    if inputs is not None:
+        x = inputs.double().cpu().reshape(-1, w.shape[1])
+        cov = x.T @ x
+        scale = torch.trace(cov) / cov.shape[0]
+        if not torch.isfinite(scale) or scale <= 0:
+            raise ValueError("calibration inputs are empty, zero or not finite")
+        cov += 1e-6 * scale * torch.eye(cov.shape[0], dtype=cov.dtype)
+        w = w @ torch.linalg.cholesky(cov)
+    u = torch.linalg.svd(w, full_matrices=False).U[:, :rank]
+    return _fix_signs(u)
+
+
+class MlaBuilder(AttentionBuilder):
+    """Builds :class:`MultiHeadLatentAttention`; conversion factorises ``[W_k; W_v]`` (SVD or
+    activation-aware)."""
+
+    name = "mla"
+    version = "1"
+    description = "Multi-head latent attention: K/V up-projected from one cached rank-r latent (DeepSeek-V2)"
+    kwargs = (
+        Kwarg("rank", int, help="latent width cached per token (1..embed_dim; embed_dim reproduces MHA)",
+              check=lambda v: None if v >= 1 else "must be >= 1"),
+        Kwarg("init", str, default="activation", choices=INITS, build=False,
+              help="factorisation: 'activation' (PCA of real K/V activations on calibration audio) or 'svd'"),
+        Kwarg("absorb", bool, default=True,
+              help="decode in latent space (W_uk folded into queries, W_uv into the output) in eval mode"),
+        Kwarg("calibration", str, default="builtin:tts-train?size=64", build=False,
+              help="calibration audio for init='activation' (a dataset reference)"),
+        Kwarg("calibration_size", int, default=64, build=False,
+              help="number of calibration utterances for init='activation'",
+              check=lambda v: None if v >= 1 else "must be >= 1"),
+    )
+
+    def check_slot(self, slot: Slot, kwargs: Mapping[str, Any]) -> None:
+        """``rank`` must lie in 1..embed_dim: ``[W_k; W_v]`` has rank <= embed_dim, so a wider latent would
+        only cost cache."""
+        rank = kwargs["rank"]
+        if not 1 <= rank <= slot.embed_dim:
+            raise KwargError(f"attention 'mla' at slot {slot.name}: kwarg 'rank'={rank}; allowed values: "
+                             f"1..{slot.embed_dim} (embed_dim; {slot.embed_dim} reproduces the original)")
+
+    def build(self, slot: Slot, **kwargs: Any) -> MultiHeadLatentAttention:
+        """An uninitialised module for ``slot`` (the loader then loads its state dict). Convert-only kwargs
+        (``init``, ``calibration``, ``calibration_size``) are accepted and ignored."""
+        kwargs = self.validate(kwargs)
+        self.check_slot(slot, kwargs)
+        return MultiHeadLatentAttention(slot, kwargs["rank"], absorb=kwargs["absorb"])
+
+    def convert(
+        self, original: nn.Module, slot: Slot, context: ConversionContext | None = None, **kwargs: Any
+    ) -> MultiHeadLatentAttention:
+        """Q and output projections copied; ``[W_k; W_v]`` factorised to ``rank``; V's bias kept on
+        ``v_up``."""
+        kwargs = self.validate(kwargs)
+        module = self.build(slot, **kwargs)
+        ref = original.q_proj.weight
+        d = slot.embed_dim
+        w = torch.cat([original.k_proj.weight, original.v_proj.weight]).detach()
+        inputs = None
+        if kwargs["init"] == "activation":
+            if context is None:
+                raise KwargError(f"attention 'mla' at slot {slot.name}: kwarg 'init'='activation' needs "
+                                 "calibration inputs (a conversion context); use init='svd' without one")
+            inputs = context.calibration_inputs(slot, data=kwargs["calibration"],
+                                                size=kwargs["calibration_size"])
+        u = latent_basis(w, kwargs["rank"], inputs)
+        state = {k: v for k, v in original.state_dict().items() if k.startswith(("q_proj.", "out_proj."))}
+        state["kv_down.weight"] = u.T @ w.double().cpu()
+        state["k_up.weight"] = u[:d]
+        state["v_up.weight"] = u[d:]
+        if original.v_proj.bias is not None:
+            state["v_up.bias"] = original.v_proj.bias.detach()
+        module = module.to(device=ref.device, dtype=ref.dtype)
+        state = {k: v.to(device=ref.device, dtype=ref.dtype) for k, v in state.items()}
+        module.load_state_dict(state, strict=True)
+        module.train(original.training)
+        return module
+
+
+@hookimpl
+def register_attention(register: Any) -> None:
+    """Register the ``mla`` builder."""
+    register(MlaBuilder())
