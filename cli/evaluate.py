@@ -32,16 +32,21 @@ def command(model_ref, data_ref, limit, batch_size, beams, max_new_tokens, out, 
       mla-registry evaluate --model bundled:whisper-tiny.en --data builtin:real
       mla-registry evaluate --model ckpt/mla192 --data builtin:tts-test --out runs/mla192
       mla-registry evaluate --model openai/whisper-tiny.en --data 'hf:openslr/librispeech_asr?config=clean&split=test'
+      torchrun --nproc-per-node 4 -m mla_registry.cli.main evaluate --model ckpt/mla192 --device cuda
     """
-    from mla_registry import data, models
+    from mla_registry import data, distributed, models
     from mla_registry.evaluate import DecodeSettings, evaluate
     from mla_registry.report import evaluation_table
 
+    world, device = distributed.setup(device)  # under torchrun: join the group, shard the batches
+    quiet = quiet or not world.is_main
     model, processor = models.load(model_ref, device=device, dtype=models.parse_dtype(dtype))
     utts = data.load(data_ref, limit=limit, skip_bad=skip_bad, quiet=quiet)
     settings = DecodeSettings(batch_size=batch_size, num_beams=beams, max_new_tokens=max_new_tokens)
     metrics = evaluate(model, processor, utts, settings, out_dir=out, quiet=quiet,
                        extra={"model": model_ref, "data": data.describe(data_ref)})
+    if not world.is_main:
+        return
     click.echo(f"model {model_ref} on {data_ref} ({metrics['utterances']} utterances; normaliser: "
                f"{metrics['normalizer']})")
     click.echo(evaluation_table(metrics, fmt))

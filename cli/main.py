@@ -51,5 +51,14 @@ def _register() -> None:
 
 _register()
 
+
+def main() -> None:
+    """Entry point for ``python -m mla_registry.cli.main`` (and so for torchrun): under a launcher, a rank that
+    fails has its error recorded so the launcher reports it as the root cause while it stops the other ranks."""
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    record(cli)()
+
+
 if __name__ == "__main__":  # pragma: no cover
-    cli()
+    main()

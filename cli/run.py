@@ -24,14 +24,18 @@ def command(config: str, force: bool, check: bool, fmt: str, quiet: bool) -> Non
       mla-registry run experiments.yaml
       mla-registry run experiments.yaml --check
       mla-registry run my-study.yaml --force --quiet
+      torchrun --nproc-per-node 2 -m mla_registry.cli.main run experiments.yaml
     """
-    from mla_registry import experiments, runner
+    from mla_registry import distributed, experiments, runner
 
     exp = experiments.load(config)
     if check:
         click.echo(f"{config}: OK ({len(exp.variants)} variants; outputs in {exp.run_dir})")
         return
-    results = runner.run(exp, force=force, quiet=quiet)
+    world, exp.device = distributed.setup(exp.device)  # under torchrun: one process per rank/GPU
+    results = runner.run(exp, force=force, quiet=quiet or not world.is_main)
+    if not world.is_main:
+        return
     from mla_registry import report
 
     click.echo(report.full_report(exp.run_dir, fmt))

@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.modeling_outputs import BaseModelOutput
 
-from . import normalize, scoring
+from . import distributed, normalize, scoring
 from .cache import write_json_atomic, write_text_atomic
 from .data import Utterance
 from .families import whisper
@@ -94,16 +94,24 @@ def measure_cache(past_key_values) -> dict[str, float]:
 def transcribe(model: nn.Module, processor, utts: list[Utterance], settings: DecodeSettings = DecodeSettings(),
                encoder_outputs: EncoderOutputs | None = None, quiet: bool = False,
                desc: str = "transcribing") -> tuple[list[str], dict[str, Any]]:
-    """Greedy (or beam) transcripts of ``utts`` in order, and timings plus the measured KV cache."""
+    """Greedy (or beam) transcripts of ``utts`` in order, and timings plus the measured KV cache.
+
+    Under ``torchrun`` each rank decodes whole batches (batch k on rank k mod world size, so every batch has the
+    same members as in a single process) and every rank returns the gathered, ordered transcripts.
+    """
     param = next(model.parameters())
     fingerprint = encoder_fingerprint(model) if encoder_outputs is not None else ""
-    hyps: list[str] = []
-    stats = {"encoder_seconds": 0.0, "decode_seconds": 0.0, "generated_tokens": 0,
-             "audio_seconds": sum(len(u.audio) for u in utts) / SAMPLING_RATE}
+    batches = [utts[i: i + settings.batch_size] for i in range(0, len(utts), settings.batch_size)]
+    mine = distributed.my_share(len(batches))
+    done: dict[int, list[str]] = {}
+    stats = {"encoder_seconds": 0.0, "decode_seconds": 0.0, "generated_tokens": 0}
     kv: dict[str, float] | None = None
-    bar = tqdm(total=len(utts), desc=desc, disable=quiet, unit="utt")
-    for i in range(0, len(utts), settings.batch_size):
-        batch = utts[i: i + settings.batch_size]
+    prompt = len(whisper.prompt_ids(model))
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos])
+    bar = tqdm(total=sum(len(batches[k]) for k in mine), desc=desc, disable=quiet, unit="utt")
+    for k in mine:
+        batch = batches[k]
         feats = whisper.input_features(processor, [u.audio for u in batch], param.device, param.dtype)
         if encoder_outputs is not None:
             hidden, seconds = encoder_outputs.get(model, fingerprint, tuple(u.id for u in batch), feats)
@@ -117,25 +125,29 @@ def transcribe(model: nn.Module, processor, utts: list[Utterance], settings: Dec
             num_beams=settings.num_beams, max_new_tokens=settings.max_new_tokens, do_sample=False,
             return_dict_in_generate=True,
         )
-        t2 = time.perf_counter()
+        stats["decode_seconds"] += time.perf_counter() - t1
         stats["encoder_seconds"] += seconds
-        stats["decode_seconds"] += t2 - t1
-        prompt = len(whisper.prompt_ids(model))
-        seqs = out.sequences
-        eos = model.generation_config.eos_token_id
-        eos = set(eos if isinstance(eos, list) else [eos])
-        for row in seqs[:, prompt:].tolist():
+        for row in out.sequences[:, prompt:].tolist():
             stats["generated_tokens"] += next((j + 1 for j, t in enumerate(row) if t in eos), len(row))
         if kv is None:
             kv = measure_cache(getattr(out, "past_key_values", None))
-        hyps += [t.strip() for t in processor.tokenizer.batch_decode(seqs, skip_special_tokens=True)]
+        done[k] = [t.strip() for t in processor.tokenizer.batch_decode(out.sequences, skip_special_tokens=True)]
         bar.update(len(batch))
     bar.close()
-    stats.update(kv or measure_cache(None))
-    stats["decode_tokens_per_second"] = stats["generated_tokens"] / max(stats["decode_seconds"], 1e-9)
-    stats["real_time_factor"] = (stats["encoder_seconds"] + stats["decode_seconds"]) / max(
-        stats["audio_seconds"], 1e-9)
-    return hyps, stats
+
+    parts = distributed.gather((done, stats, kv))
+    hyps = [h for k in range(len(batches)) for part in parts if k in part[0] for h in part[0][k]]
+    total = {key: sum(p[1][key] for p in parts) for key in stats}
+    if len(parts) > 1:  # ranks ran in parallel: wall time is the slowest rank's
+        total["encoder_seconds"] = max(p[1]["encoder_seconds"] for p in parts)
+        total["decode_seconds"] = max(p[1]["decode_seconds"] for p in parts)
+        total["world_size"] = len(parts)
+    total["audio_seconds"] = sum(len(u.audio) for u in utts) / SAMPLING_RATE
+    total.update(next((p[2] for p in parts if p[2] is not None), None) or measure_cache(None))
+    total["decode_tokens_per_second"] = total["generated_tokens"] / max(total["decode_seconds"], 1e-9)
+    total["real_time_factor"] = (total["encoder_seconds"] + total["decode_seconds"]) / max(
+        total["audio_seconds"], 1e-9)
+    return hyps, total
 
 
 def records_for(utts: list[Utterance], hyps: list[str]) -> list[dict[str, Any]]:
@@ -167,7 +179,7 @@ def evaluate(model: nn.Module, processor, utts: list[Utterance], settings: Decod
         **stats,
         **(extra or {}),
     }
-    if out_dir is not None:
+    if out_dir is not None and distributed.world().is_main:
         out_dir = Path(out_dir)
         write_text_atomic(out_dir / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in records))
         write_json_atomic(out_dir / "metrics.json", metrics)

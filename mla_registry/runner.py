@@ -16,7 +16,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from . import checkpoint, data, models
+from . import checkpoint, data, distributed, models
 from .cache import write_json_atomic
 from .convert import convert_model
 from .errors import ExperimentError
@@ -27,7 +27,7 @@ RESULTS = "results.json"
 
 
 def _log(msg: str, quiet: bool) -> None:
-    if not quiet:
+    if not quiet and distributed.world().is_main:
         tqdm.write(msg)
 
 
@@ -50,8 +50,12 @@ def _checkpoint(exp: Experiment, v: Variant, vdir: Path, fingerprint: str, force
         return exp.base_model
     ckpt = vdir / "checkpoint"
     manifest = checkpoint.read_manifest(ckpt) if (ckpt / checkpoint.MANIFEST).exists() else None
-    if not force and manifest and manifest.get("provenance", {}).get("variant_fingerprint") == fingerprint:
+    reuse = not force and bool(manifest) and manifest.get("provenance", {}).get("variant_fingerprint") == fingerprint
+    if distributed.broadcast(reuse):  # every rank follows rank 0's view of the disk
         _log(f"[{v.name}] reusing {ckpt}", quiet)
+        return str(ckpt)
+    if not distributed.world().is_main:
+        distributed.barrier()  # rank 0 converts and saves; the others then load what it wrote
         return str(ckpt)
     _log(f"[{v.name}] converting {exp.base_model}: {', '.join(s.short() for s in v.attention) or 'no change'}",
          quiet)
@@ -68,6 +72,7 @@ def _checkpoint(exp: Experiment, v: Variant, vdir: Path, fingerprint: str, force
     checkpoint.save(model, ckpt, processor, provenance=prov)
     del model
     gc.collect()
+    distributed.barrier()
     return str(ckpt)
 
 
@@ -77,6 +82,8 @@ def run(exp: Experiment, force: bool = False, quiet: bool = False) -> dict[str, 
 
     run_dir = exp.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
+    world = distributed.world()
+    _check_world(run_dir, world.size, force)
     t_start = time.perf_counter()
     utts = []
     for ref in exp.test_refs:
@@ -91,7 +98,7 @@ def run(exp: Experiment, force: bool = False, quiet: bool = False) -> dict[str, 
     for v in exp.variants:
         vdir = run_dir / v.name
         fingerprint = v.fingerprint(exp)
-        metrics = None if force else _done(vdir, fingerprint)
+        metrics = distributed.broadcast(None if force else _done(vdir, fingerprint))
         if metrics is not None:
             _log(f"[{v.name}] done earlier: WER {100 * metrics['wer']:.2f} % (not recomputed)", quiet)
         else:
@@ -108,6 +115,8 @@ def run(exp: Experiment, force: bool = False, quiet: bool = False) -> dict[str, 
         entries.append(_entry(v, vdir, metrics))
         _write_results(exp, entries, data_desc)
     results = _write_results(exp, entries, data_desc)
+    if not world.is_main:
+        return results
     results["wall_seconds_this_invocation"] = time.perf_counter() - t_start
     results["encoder_reuse"] = {"computed_batches": shared.misses, "reused_batches": shared.hits}
     png = plot.tradeoff_plot(run_dir)
@@ -126,10 +135,28 @@ def _entry(v: Variant, vdir: Path, metrics: dict[str, Any]) -> dict[str, Any]:
             "dir": v.name, "metrics": metrics}
 
 
+def _check_world(run_dir: Path, size: int, force: bool) -> None:
+    """Refuse to mix results written by a different number of processes into this run (unless ``force``)."""
+    path = run_dir / RESULTS
+    if force or not path.exists():
+        return
+    try:
+        before = json.loads(path.read_text()).get("world_size", 1)
+    except json.JSONDecodeError:
+        return
+    if before != size:
+        raise ExperimentError(
+            f"{path} was written by a run with {before} process(es), this one has {size}: their timings are not "
+            "comparable. Run with the same number of processes, or pass --force to recompute everything."
+        )
+
+
 def _write_results(exp: Experiment, entries: list[dict], data_desc: dict) -> dict[str, Any]:
     results = {"experiment": exp.name, "config_file": str(exp.path), "base_model": exp.base_model,
+               "world_size": distributed.world().size,
                "baseline": exp.baseline, "data": {"test": data_desc, **{k: v for k, v in exp.data.items()
                                                                        if k != "test"}},
                "decoding": exp.decoding.__dict__, "variants": entries}
-    write_json_atomic(exp.run_dir / RESULTS, results)
+    if distributed.world().is_main:
+        write_json_atomic(exp.run_dir / RESULTS, results)
     return results

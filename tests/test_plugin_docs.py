@@ -2,9 +2,9 @@
 
 import ast
 import re
-import tomllib
 from pathlib import Path
 
+import tomllib
 import torch
 from click.testing import CliRunner
 
