@@ -102,7 +102,8 @@ def transcribe(model: nn.Module, processor, utts: list[Utterance], settings: Dec
     param = next(model.parameters())
     fingerprint = encoder_fingerprint(model) if encoder_outputs is not None else ""
     batches = [utts[i: i + settings.batch_size] for i in range(0, len(utts), settings.batch_size)]
-    mine = distributed.my_share(len(batches))
+    local = getattr(utts, "sharded", False)  # a streamed shard: this rank's data already, decode all of it
+    mine = list(range(len(batches))) if local else distributed.my_share(len(batches))
     done: dict[int, list[str]] = {}
     stats = {"encoder_seconds": 0.0, "decode_seconds": 0.0, "generated_tokens": 0}
     kv: dict[str, float] | None = None
@@ -135,7 +136,7 @@ def transcribe(model: nn.Module, processor, utts: list[Utterance], settings: Dec
         bar.update(len(batch))
     bar.close()
 
-    parts = distributed.gather((done, stats, kv))
+    parts = distributed.gather((done, stats, kv)) if not local else [(done, stats, kv)]
     hyps = [h for k in range(len(batches)) for part in parts if k in part[0] for h in part[0][k]]
     total = {key: sum(p[1][key] for p in parts) for key in stats}
     if len(parts) > 1:  # ranks ran in parallel: wall time is the slowest rank's
@@ -171,6 +172,15 @@ def evaluate(model: nn.Module, processor, utts: list[Utterance], settings: Decod
     """Transcribe, score, and (with ``out_dir``) write ``predictions.jsonl`` and ``metrics.json`` atomically."""
     hyps, stats = transcribe(model, processor, utts, settings, encoder_outputs, quiet)
     records = records_for(utts, hyps)
+    if getattr(utts, "sharded", False):  # streamed shards: gather the records and timings of every rank
+        parts = distributed.gather((records, stats))
+        records = [r for part in parts for r in part[0]]
+        stats = {**stats, "world_size": len(parts), **{k: sum(p[1][k] for p in parts) for k in (
+            "generated_tokens", "audio_seconds")}, **{k: max(p[1][k] for p in parts) for k in (
+            "encoder_seconds", "decode_seconds")}}
+        stats["decode_tokens_per_second"] = stats["generated_tokens"] / max(stats["decode_seconds"], 1e-9)
+        stats["real_time_factor"] = (stats["encoder_seconds"] + stats["decode_seconds"]) / max(
+            stats["audio_seconds"], 1e-9)
     metrics = {
         **summarise(records),
         "decoding": asdict(settings),

@@ -60,3 +60,46 @@ def test_a_failing_rank_stops_the_others_with_its_message(tmp_path):
     proc = _torchrun(str(script), timeout=180)
     assert proc.returncode != 0
     assert "rank one cannot read its shard" in proc.stdout + proc.stderr
+
+
+def _hub_layout(root, shards=2):
+    """The 4 real LibriSpeech test-clean clips as a hub-layout dataset (parquet shards with embedded audio)."""
+    from datasets import Audio, Dataset
+    from datasets.table import embed_table_storage
+
+    from mla_registry.data import load
+
+    utts = load(DATA, quiet=True)
+    folder = os.path.join(os.path.dirname(__file__), "..", "mla_registry", "resources", "real_speech",
+                          "librispeech_test_clean")
+    (root / "data").mkdir(parents=True)
+    for k in range(shards):
+        part = utts[k::shards]
+        ds = Dataset.from_dict({
+            "id": [u.id for u in part], "text": [u.text for u in part],
+            "audio": [os.path.join(folder, u.id.split("/")[-1] + ".flac") for u in part],
+        }).cast_column("audio", Audio())
+        ds = ds.with_format("arrow").map(embed_table_storage, batched=True).with_format(None)
+        ds.to_parquet(str(root / "data" / f"test-{k:05d}-of-{shards:05d}.parquet"))
+    return root
+
+
+def test_streamed_hub_dataset_is_sharded_by_node(tmp_path):
+    hub = _hub_layout(tmp_path / "hub")
+    args = ["-m", "mla_registry.cli.main", "evaluate", "--model", "bundled:whisper-tiny.en", "--batch-size", "1",
+            "--max-new-tokens", "60", "--quiet"]
+    single = subprocess.run([sys.executable, *args, "--data", f"hf:{hub}?split=test", "--out",
+                             str(tmp_path / "single")], capture_output=True, text=True, timeout=600, env=_env())
+    assert single.returncode == 0, single.stderr[-3000:]
+    double = _torchrun(*args, "--data", f"hf:{hub}?split=test&streaming=true", "--out", str(tmp_path / "double"))
+    assert double.returncode == 0, double.stderr[-3000:]
+
+    def records(name):
+        rows = [json.loads(line) for line in (tmp_path / name / "predictions.jsonl").read_text().splitlines()]
+        return sorted(rows, key=lambda r: r["id"])
+    a, b = records("single"), records("double")
+    assert len(a) == 4 and [r["hypothesis"] for r in a] == [r["hypothesis"] for r in b]
+    assert [r["id"] for r in a] == [r["id"] for r in b]
+    ma = json.loads((tmp_path / "single" / "metrics.json").read_text())
+    mb = json.loads((tmp_path / "double" / "metrics.json").read_text())
+    assert ma["wer"] == mb["wer"] and mb["world_size"] == 2

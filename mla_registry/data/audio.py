@@ -367,8 +367,17 @@ def load_hf(
     ref: str, name: str, opts: dict[str, str | None], *, limit: int | None = None, skip_bad: bool = False,
     quiet: bool = False,
 ) -> list[Utterance]:
-    """A ``datasets.load_dataset`` name or hub-layout directory."""
+    """A ``datasets.load_dataset`` name or hub-layout directory. Streamed under torchrun, each rank reads only its
+    own shard (``datasets.distributed.split_dataset_by_node``); the result is then marked ``sharded``."""
+    from mla_registry import distributed
+
     ds = open_hf(ref, name, opts, quiet)
+    world = distributed.world()
+    sharded = world.size > 1 and not hasattr(ds, "__len__")
+    if sharded:
+        from datasets.distributed import split_dataset_by_node
+
+        ds = split_dataset_by_node(ds, rank=world.rank, world_size=world.size)
     audio_col, text_col, id_col = hf_columns(ref, ds, opts)
     cols = list(ds.features or {})
     voice_col = "voice" if "voice" in cols else ("speaker_id" if "speaker_id" in cols else None)
@@ -385,7 +394,13 @@ def load_hf(
     if voice_col == "speaker_id":
         for u in utts:
             u.voice = f"speaker:{u.voice}" if u.voice != "unknown" else u.voice
-    return utts
+    return ShardedUtterances(utts) if sharded else utts
+
+
+class ShardedUtterances(list):
+    """This rank's share of a streamed dataset: evaluation decodes all of it and gathers across ranks."""
+
+    sharded = True
 
 
 def describe_dataset(ref: str, kind: str, target: str, opts: dict[str, str | None] | None) -> dict[str, Any]:
