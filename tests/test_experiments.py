@@ -120,8 +120,8 @@ def test_selector_and_data_errors(tmp_path, tiny_base):
     with pytest.raises(ExperimentError, match=r"variants\[0\]\.attention\.decoder\.crosss: .*available"):
         experiments.load(path)
     path = write_yaml(tmp_path, tiny_base, "- name: a\n")
-    text = open(path).read().replace(TEST_DATA, str(tmp_path / "nowhere"))
-    open(path, "w").write(text)
+    yaml_file = tmp_path / "exp.yaml"
+    yaml_file.write_text(yaml_file.read_text().replace(TEST_DATA, str(tmp_path / "nowhere")))
     with pytest.raises(ExperimentError, match=r"exp.yaml:5: data.test: dataset .*nowhere.* is not readable"):
         experiments.load(path)
 

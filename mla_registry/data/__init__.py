@@ -28,8 +28,8 @@ Reference syntax
     may be left out when the dataset has only one.
 
 Whatever the source, audio is decoded by torchcodec through ``Audio(sampling_rate=16000)`` and the channels are
-averaged: float32 mono 16 kHz. An unreadable, empty or silent (peak < 1e-4) file is a :class:`~mla_registry.errors.DataError`
-naming it; ``skip_bad=True`` skips such files and warns how many and which.
+averaged: float32 mono 16 kHz. An unreadable, empty or silent (peak < 1e-4) file is a
+:class:`~mla_registry.errors.DataError` naming it; ``skip_bad=True`` skips such files and warns how many and which.
 """
 
 from __future__ import annotations
