@@ -39,8 +39,13 @@ class DecodeSettings:
 
 def encoder_fingerprint(model: nn.Module) -> str:
     """sha256 over the encoder's parameter names, dtypes, shapes and bytes: equal only for identical encoders."""
+    return state_fingerprint(model.get_encoder())
+
+
+def state_fingerprint(module: nn.Module) -> str:
+    """sha256 over a module's state-dict names, dtypes, shapes and bytes."""
     h = hashlib.sha256()
-    for name, t in model.get_encoder().state_dict().items():
+    for name, t in module.state_dict().items():
         t = t.detach().contiguous().cpu()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
