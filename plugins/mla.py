@@ -15,8 +15,8 @@ original exactly.
 Absorption (``absorb=True``): in eval mode with a cache (decoding: ``generate()`` or a cached forward)
 ``W_uk`` is applied on the query side and ``W_uv`` after attention, so attention runs over the latent as
 multi-query attention and K/V are never re-expanded (the win for cross-attention over 1500 encoder frames).
-The per-head ``W_uk``/``W_uv`` are views of ``k_up``/``v_up`` used on the fly, so nothing derived is stored
-or goes stale. Training and cache-less calls (the encoder, teacher-forced loss) re-expand K/V and run
+The per-head ``W_uk``/``W_uv`` are views of ``k_up``/``v_up`` applied with one head-batched ``bmm`` each, so
+nothing derived is stored or goes stale, and nothing is copied per step. Training and cache-less calls (the encoder, teacher-forced loss) re-expand K/V and run
 ordinary attention.
 """
 
@@ -85,17 +85,27 @@ class MultiHeadLatentAttention(SlotAttention):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Attention in latent space: ``q_h W_uk_h`` against ``c`` (scale 1.0: ``q`` is already scaled, so
         the scores equal ``q_h . k_h``), then ``(softmax . c) W_uv_h^T + b_v_h`` per head.
-        Returns ``[B, H, q, head_dim]``."""
-        heads, hd = self.num_heads, self.head_dim
-        w_uk = self.k_up.weight.view(heads, hd, self.rank)
-        w_uv = self.v_up.weight.view(heads, hd, self.rank)
-        q_latent = torch.matmul(query, w_uk)  # [B, H, q, rank]
+        Returns ``[B, H, q, head_dim]``.
+
+        Both absorptions are one ``bmm`` with the heads as its batch (``[H, B*q, .]`` against the per-head
+        views of ``k_up``/``v_up``): the weights are read in place, never broadcast over the batch (the
+        broadcasting ``matmul`` this replaces copied both ``[B, H, head_dim, rank]`` weights every step, about
+        75 MB per step at batch 16 for tiny.en). Attention itself runs as one multi-query call with the heads
+        folded into the query rows (see :func:`mla_registry.attention.attend`)."""
+        batch, heads, q_len, hd = query.shape
+        rank = self.rank
+        w_uk = self.k_up.weight.view(heads, hd, rank)
+        w_uv = self.v_up.weight.view(heads, hd, rank)
+        by_head = query.transpose(0, 1).reshape(heads, batch * q_len, hd)
+        q_latent = torch.bmm(by_head, w_uk).view(heads, batch, q_len, rank).transpose(0, 1)  # [B, H, q, rank]
         mixed, weights = attend(self, q_latent, latent, latent, mask, scale=1.0,
                                 output_attentions=output_attentions)
-        out = torch.matmul(mixed, w_uv.transpose(-1, -2))  # [B, H, q, head_dim]
+        mixed = mixed.transpose(0, 1).reshape(heads, batch * q_len, rank)
         if self.v_up.bias is not None:
-            out = out + self.v_up.bias.view(heads, 1, hd)
-        return out, weights
+            out = torch.baddbmm(self.v_up.bias.view(heads, 1, hd), mixed, w_uv.transpose(1, 2))
+        else:
+            out = torch.bmm(mixed, w_uv.transpose(1, 2))
+        return out.view(heads, batch, q_len, hd).transpose(0, 1), weights  # [B, H, q, head_dim]
 
     def kv_cache_bytes_per_token(self) -> int:
         """Only the latent: ``rank`` elements per token."""
