@@ -242,7 +242,8 @@ def run_generate(model: nn.Module, hidden: torch.Tensor, steps: int, forced: boo
     stamps = [t0, *clock.stamps]
     intervals = [b - a for a, b in itertools.pairwise(stamps)]
     kv_self, kv_cross, length = cache_bytes(out.past_key_values)
-    return {"seconds": t1 - t0, "tokens": tokens, "steps": seqs.shape[1], "prefill": intervals[0] if intervals else None,
+    return {"seconds": t1 - t0, "tokens": tokens, "steps": seqs.shape[1],
+            "prefill": intervals[0] if intervals else None,
             "step_times": intervals[1:], "kv_self": kv_self, "kv_cross": kv_cross, "self_length": length,
             "peak_bytes": mem.peak if mem else None, "sequences": out.sequences}
 

@@ -16,8 +16,8 @@ Absorption (``absorb=True``): in eval mode with a cache (decoding: ``generate()`
 ``W_uk`` is applied on the query side and ``W_uv`` after attention, so attention runs over the latent as
 multi-query attention and K/V are never re-expanded (the win for cross-attention over 1500 encoder frames).
 The per-head ``W_uk``/``W_uv`` are views of ``k_up``/``v_up`` applied with one head-batched ``bmm`` each, so
-nothing derived is stored or goes stale, and nothing is copied per step. Training and cache-less calls (the encoder, teacher-forced loss) re-expand K/V and run
-ordinary attention.
+nothing derived is stored or goes stale, and nothing is copied per step. Training and cache-less calls (the
+encoder, teacher-forced loss) re-expand K/V and run ordinary attention.
 """
 
 from __future__ import annotations
