@@ -56,11 +56,17 @@ def save(model: nn.Module, out_dir: str | Path, processor=None, provenance: dict
     weights, processor files, and the manifest. Returns the directory."""
     out_dir = Path(out_dir)
     manifest = manifest_for(model, provenance)
-    with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        if processor is not None:
-            processor.save_pretrained(tmp)
-        write_json_atomic(tmp / MANIFEST, manifest)
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()  # a one-file save needs no "Writing model shards" bar
+    try:
+        with atomic_dir(out_dir) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            if processor is not None:
+                processor.save_pretrained(tmp)
+            write_json_atomic(tmp / MANIFEST, manifest)
+    finally:
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
     return out_dir
 
 

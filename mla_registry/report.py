@@ -265,7 +265,8 @@ def comparison_table(run_dir: RunLike, fmt: str = "simple", n_resamples: int = 1
 
 
 def group_table(run_dir: RunLike, key: str = "voice", fmt: str = "simple") -> str:
-    """WER % per ``voice`` or ``source`` group: variants as rows, groups as columns (headed ``group (n utts)``)."""
+    """WER % per ``voice`` or ``source`` group: groups as rows (``group (n utts)``), variants as columns (a run
+    has a handful of variants but may have dozens of voices, so this way the table stays readable)."""
     if key not in ("voice", "source"):
         raise ValueError(f"group key must be 'voice' or 'source', got {key!r}")
     _check_fmt(fmt)
@@ -273,8 +274,9 @@ def group_table(run_dir: RunLike, key: str = "voice", fmt: str = "simple") -> st
     per = [(v["name"], v["metrics"].get(f"by_{key}") or {}) for v in run.variants]
     groups = sorted({g for _, by in per for g in by})
     sizes = {g: next((by[g].get("utterances") for _, by in per if g in by), None) for g in groups}
-    headers = ["variant"] + [f"{key}={g}" + (f" ({sizes[g]})" if sizes[g] is not None else "") for g in groups]
-    rows = [[name] + [pct(by[g]["wer"]) if g in by else "" for g in groups] for name, by in per]
+    headers = [f"{key} (utts)"] + [name for name, _ in per]
+    rows = [[g + (f" ({sizes[g]})" if sizes[g] is not None else "")] + [pct(by[g]["wer"]) if g in by else ""
+                                                                         for _, by in per] for g in groups]
     return _render(headers, rows, fmt)
 
 

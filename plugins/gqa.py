@@ -1,7 +1,7 @@
 """``gqa``: grouped-query attention (Ainslie et al. 2023); ``kv_heads=1`` is multi-query attention.
 
 Conversion mean-pools the key/value projection heads of each group of ``num_heads / kv_heads`` consecutive
-heads. The cache holds only ``kv_heads`` heads; SDPA's ``enable_gqa`` shares them across each group's queries
+heads. The cache holds only ``kv_heads`` heads; attention folds each group's queries onto its shared head
 (K/V are never repeated, neither in the cache nor in attention).
 """
 
@@ -12,52 +12,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers.cache_utils import Cache
 
-from mla_registry.attention import SlotAttention, attend, cached_states
+from mla_registry.attention import GroupedQueryAttention
 from mla_registry.builder import AttentionBuilder, ConversionContext, Kwarg, Slot
 from mla_registry.errors import KwargError
 from mla_registry.hookspecs import hookimpl
-
-
-class GroupedQueryAttention(SlotAttention):
-    """Whisper-interface attention with ``kv_heads`` key/value heads shared by groups of query heads."""
-
-    def __init__(self, slot: Slot, kv_heads: int) -> None:
-        super().__init__(slot)
-        self.kv_heads = kv_heads
-        self.num_key_value_groups = self.num_heads // kv_heads
-        d, kv_dim = self.embed_dim, kv_heads * self.head_dim
-        self.k_proj = nn.Linear(d, kv_dim, bias=False)
-        self.v_proj = nn.Linear(d, kv_dim, bias=slot.bias)
-        self.q_proj = nn.Linear(d, d, bias=slot.bias)
-        self.out_proj = nn.Linear(d, d, bias=slot.bias)
-
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        key_value_states: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
-        attention_mask: torch.Tensor | None = None,
-        output_attentions: bool = False,
-        **kwargs: Any,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Same call and return as ``WhisperAttention.forward``; cross-attention when ``key_value_states``."""
-        is_cross = key_value_states is not None
-        source = key_value_states if is_cross else hidden_states
-        query = self.query(self.q_proj, hidden_states)
-
-        def project() -> tuple[torch.Tensor, torch.Tensor]:
-            return (self.split_heads(self.k_proj(source), self.kv_heads),
-                    self.split_heads(self.v_proj(source), self.kv_heads))
-
-        key, value = cached_states(past_key_values, self.layer_idx, is_cross, project)
-        out, weights = attend(self, query, key, value, attention_mask, output_attentions=output_attentions)
-        return self.out_proj(self.merge_heads(out)), weights
-
-    def kv_cache_bytes_per_token(self) -> int:
-        """K and V for ``kv_heads`` heads: ``2 * kv_heads * head_dim`` elements per token."""
-        return 2 * self.kv_heads * self.head_dim * self.param_bytes()
 
 
 def _pool_heads(t: torch.Tensor, num_heads: int, kv_heads: int) -> torch.Tensor:

@@ -1,0 +1,219 @@
+"""Fine-tuning on a tiny random-weight Whisper: exactly the requested parameters change, every objective lowers
+the validation loss, an interrupted run resumes to identical weights, the saved checkpoint reloads
+token-identically, and config errors name the key."""
+
+import copy
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from mla_registry import checkpoint, models
+from mla_registry import finetune as ft
+from mla_registry.convert import convert_model
+from mla_registry.errors import KwargError
+from mla_registry.finetune import FinetuneConfig, distill_kl, finetune, topk_teacher
+
+DATA = "builtin:real?source=librispeech_test_clean"  # 4 real clips: train and valid alike (a tiny overfit)
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return models.load_processor("bundled:whisper-tiny.en")
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, tiny_model, processor):
+    """The unconverted tiny model on disk (the distillation teacher) and in memory."""
+    path = tmp_path_factory.mktemp("base") / "tiny"
+    model = tiny_model()
+    with torch.no_grad():  # a confident teacher (random weights give near-uniform logits and a KL of ~1e-5)
+        model.model.decoder.layer_norm.weight.mul_(30)
+    checkpoint.save(model, path, processor)
+    return path, model
+
+
+@pytest.fixture(scope="module")
+def converted(base, processor):
+    model = copy.deepcopy(base[1])
+    convert_model(model, processor, ["decoder.*=mla:rank=16,init=svd"])
+    return model
+
+
+def cfg(**kw) -> FinetuneConfig:
+    args = {"train": DATA, "valid": DATA, "objective": "ce", "steps": 2, "batch_size": 2, "lr": 1e-3,
+            "warmup_steps": 0, "eval_every": 2, "patience": 0, "train_limit": 3, "valid_limit": 2}
+    return FinetuneConfig(**{**args, **kw})
+
+
+def snapshot(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def changed(before, model):
+    return {n for n, p in model.named_parameters() if not torch.equal(before[n], p)}
+
+
+@pytest.mark.parametrize("mode", ["converted", "kv", "decoder", "all"])
+def test_exactly_the_requested_parameters_change(tmp_path, converted, processor, mode):
+    model = copy.deepcopy(converted)
+    before = snapshot(model)
+    prov = finetune(model, processor, cfg(trainable=mode, steps=1 if mode == "all" else 2, eval_every=1),
+                    tmp_path / "work", teacher_ref=None, quiet=True)
+    assert prov["best_step"] > 0  # improved, so trained weights were kept
+    slots = tuple(r["path"] + "." for r in converted.mla_registry_slots)
+    names = list(before)
+    expected = {
+        "converted": {n for n in names if n.startswith(slots)},
+        "kv": {n for n in names if n.startswith(slots) and n.split(".")[-2] in ("kv_down", "k_up", "v_up")},
+        "decoder": {n for n in names if n.startswith("model.decoder.")},
+        "all": {n for n in names if n != "model.encoder.embed_positions.weight"},  # Whisper keeps it frozen
+    }[mode]
+    assert changed(before, model) == expected
+    assert prov["encoder_cached"] == (mode != "all")
+    assert all(p.requires_grad == converted.get_parameter(n).requires_grad for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("objective", ["ce", "distill", "ce+distill"])
+def test_objectives_lower_the_validation_loss(tmp_path, base, converted, processor, objective):
+    model = copy.deepcopy(converted)
+    prov = finetune(model, processor, cfg(objective=objective, steps=4, eval_every=2), tmp_path / "w",
+                    teacher_ref=str(base[0]), quiet=True)
+    assert prov["best_valid_loss"] < prov["initial_valid_loss"]
+    assert [c["step"] for c in prov["curve"]] == [0, 2, 4]
+    assert (prov["teacher"] is None) == (objective == "ce")
+    if objective != "ce":
+        assert 0 < prov["teacher_topk_mass"] <= 1
+
+
+def test_topk_kl_is_exact_with_the_whole_vocabulary_and_a_lower_bound_otherwise():
+    torch.manual_seed(0)
+    t_logits, s_logits = torch.randn(5, 50) * 3, torch.randn(5, 50) * 3
+    full = torch.nn.functional.kl_div(torch.log_softmax(s_logits, -1), torch.log_softmax(t_logits, -1),
+                                      log_target=True, reduction="none").sum(-1)
+    assert torch.allclose(distill_kl(s_logits, topk_teacher(t_logits, 50)), full, atol=1e-5)
+    part = distill_kl(s_logits, topk_teacher(t_logits, 8))
+    assert (part <= full + 1e-5).all() and (part >= 0).all()
+
+
+def test_resume_after_interruption_gives_the_same_weights(tmp_path, converted, processor):
+    c = cfg(steps=4, eval_every=2, warmup_steps=2)
+    reference = copy.deepcopy(converted)
+    prov_ref = finetune(reference, processor, c, tmp_path / "ref", teacher_ref=None, quiet=True)
+
+    model = copy.deepcopy(converted)
+
+    def interrupt(step, loss):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        finetune(model, processor, c, tmp_path / "run", teacher_ref=None, quiet=True, on_step=interrupt)
+    state = json.loads((tmp_path / "run" / ft.STATE_DIR / "state.json").read_text())
+    assert state["step"] == 2 and not state["finished"]
+
+    model = copy.deepcopy(converted)  # a fresh process would convert the base model again
+    seen = []
+    prov = finetune(model, processor, c, tmp_path / "run", teacher_ref=None, quiet=True,
+                    on_step=lambda step, loss: seen.append(step))
+    assert seen == [3, 4] and prov["resumed_from_step"] == 2
+    assert prov["curve"] == prov_ref["curve"] and prov["best_step"] == prov_ref["best_step"]
+    ref_params = dict(reference.named_parameters())
+    assert all(torch.equal(p, ref_params[n]) for n, p in model.named_parameters())
+
+    again = copy.deepcopy(converted)  # finished: not trained again, the best weights are loaded
+    seen.clear()
+    assert finetune(again, processor, c, tmp_path / "run", teacher_ref=None, quiet=True,
+                    on_step=lambda step, loss: seen.append(step)) == prov
+    assert not seen and all(torch.equal(p, ref_params[n]) for n, p in again.named_parameters())
+
+    other = copy.deepcopy(converted)  # another configuration does not reuse the state
+    prov2 = finetune(other, processor, cfg(steps=2, lr=2e-3), tmp_path / "run", teacher_ref=None, quiet=True)
+    assert prov2["resumed_from_step"] is None and prov2["steps_done"] == 2
+
+
+def test_saved_checkpoint_reloads_token_identically(tmp_path, base, converted, processor):
+    from mla_registry import data
+    from mla_registry.families import whisper
+
+    model = copy.deepcopy(converted)
+    prov = finetune(model, processor, cfg(objective="distill", steps=2), tmp_path / "w",
+                    teacher_ref=str(base[0]), quiet=True)
+    checkpoint.save(model, tmp_path / "ckpt", processor, provenance={"finetune": prov})
+    loaded = checkpoint.load(tmp_path / "ckpt")
+    manifest = checkpoint.read_manifest(tmp_path / "ckpt")
+    assert manifest["provenance"]["finetune"]["best_valid_loss"] == prov["best_valid_loss"]
+    feats = whisper.input_features(processor, [u.audio for u in data.load(DATA, limit=2, quiet=True)])
+    with torch.no_grad():
+        a = model.generate(input_features=feats, max_new_tokens=8)
+        b = loaded.generate(input_features=feats, max_new_tokens=8)
+    assert torch.equal(a, b)
+
+
+def test_cli_keeps_provenance_and_defaults_the_teacher(tmp_path, base, converted, processor):
+    from mla_registry.cli.finetune import command
+
+    src = tmp_path / "mla16"
+    checkpoint.save(converted, src, processor, provenance={"source_model": str(base[0]), "conversions": ["x"]})
+    out = tmp_path / "ft"
+    result = CliRunner().invoke(command, ["--model", str(src), "--train", DATA, "--valid", DATA, "--out", str(out),
+                                          "--steps", "2", "--batch-size", "2", "--eval-every", "1", "--quiet"])
+    assert result.exit_code == 0, result.output
+    prov = checkpoint.read_manifest(out)["provenance"]
+    assert prov["source_model"] == str(base[0]) and prov["conversions"] == ["x"]
+    assert prov["finetune"]["teacher"] == str(base[0]) and prov["finetune"]["config"]["objective"] == "distill"
+    assert (tmp_path / "ft.work" / ft.STATE_DIR / "state.json").exists()
+    help_text = CliRunner().invoke(command, ["--help"]).output
+    assert "mla-registry finetune --model" in help_text
+
+
+def test_config_from_mapping_and_errors_name_the_key():
+    c = FinetuneConfig.from_mapping({"lr": "3e-4", "steps": 10}, defaults={"train": "builtin:tts-train",
+                                                                          "valid": "builtin:tts-valid"})
+    assert (c.lr, c.steps, c.train, c.valid, c.objective) == (3e-4, 10, "builtin:tts-train", "builtin:tts-valid",
+                                                               "distill")
+    cases = [({"objectiv": "ce"}, "unknown finetune key 'objectiv'"),
+             ({"objective": "mse"}, "'objective'='mse': allowed values: ce, distill, ce+distill"),
+             ({"trainable": "q"}, "allowed values: converted, kv, attention, decoder, all"),
+             ({"steps": 1.5}, "finetune key 'steps' must be an integer"),
+             ({"steps": True}, "finetune key 'steps' must be an integer"),
+             ({"lr": 0}, "'lr'=0: must be > 0"),
+             ({"patience": -1}, "'patience'=-1")]
+    for block, message in cases:
+        with pytest.raises(KwargError, match=message.replace("+", r"\+").replace("(", r"\(")):
+            FinetuneConfig.from_mapping(block, defaults={"train": "a", "valid": "b"})
+    with pytest.raises(KwargError, match=r"'train' is missing: set data.train .* or finetune.train"):
+        FinetuneConfig.from_mapping({"valid": "b"}, defaults={})
+    with pytest.raises(KwargError, match="finetune must be a mapping"):
+        FinetuneConfig.from_mapping(["lr"], defaults={})
+
+
+def test_nothing_to_train_is_a_clear_error(tmp_path, base, processor):
+    with pytest.raises(ft.FinetuneError, match="no converted attention slot"):
+        finetune(copy.deepcopy(base[1]), processor, cfg(), tmp_path / "w", teacher_ref=None, quiet=True)
+
+
+def test_experiments_yaml_validates_the_finetune_block(tmp_path):
+    from mla_registry import experiments
+    from mla_registry.errors import ExperimentError
+
+    text = f"""\
+name: ft
+output_dir: {tmp_path / 'runs'}
+data:
+  test: "{DATA}"
+variants:
+  - name: ok
+    attention: {{decoder.self: "mla:rank=16,init=svd"}}
+    finetune: {{train: "{DATA}", valid: "{DATA}", trainable: kv}}
+  - name: bad
+    attention: {{decoder.self: "mla:rank=16,init=svd"}}
+    finetune: {{objective: mse}}
+"""
+    (tmp_path / "exp.yaml").write_text(text)
+    with pytest.raises(ExperimentError) as info:
+        experiments.load(tmp_path / "exp.yaml", check_data=False)
+    message = str(info.value)
+    assert "exp.yaml:11: variants[1].finetune" in message and "'objective'='mse'" in message
+    assert "'train' is missing: set data.train" in message and "variants[0]" not in message
