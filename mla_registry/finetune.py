@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from .cache import atomic_dir
 from .errors import DataError, KwargError, MlaRegistryError
 from .families import whisper
@@ -344,6 +345,9 @@ class _Trainer:
         return loss
 
     def train_step(self, items: list[_Item], step: int) -> float:
+        """One optimiser step on the batch ``items`` (mean loss over its tokens). Under torchrun each rank takes
+        its slice of the batch and the gradients are summed across ranks (``all_reduce``, as DDP does), so the
+        step equals the single-process step on the whole batch."""
         self.model.train()
         if self.encoder_frozen:
             self.model.get_encoder().eval()
@@ -351,8 +355,18 @@ class _Trainer:
         for g in self.opt.param_groups:
             g["lr"] = lr
         self.opt.zero_grad(set_to_none=True)
-        loss = self.token_losses(items).mean()
+        world = distributed.world()
+        mine = items[world.rank::world.size]
+        losses = self.token_losses(mine) if mine else torch.zeros(0, device=self.device)
+        tokens = distributed.all_sum(torch.tensor(float(losses.numel()), device=self.device))
+        loss = losses.sum() / tokens
         loss.backward()
+        if world.size > 1:
+            for p in self.params.values():
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                distributed.all_sum(p.grad)
+            loss = distributed.all_sum(loss.detach())
         if self.cfg.max_grad_norm > 0:
             nn.utils.clip_grad_norm_(list(self.params.values()), self.cfg.max_grad_norm)
         self.opt.step()
@@ -363,10 +377,13 @@ class _Trainer:
         """Token-weighted mean loss over the validation set (eval mode, no dropout)."""
         self.model.eval()
         total, count = 0.0, 0
-        for i in range(0, len(items), self.cfg.batch_size):
+        batches = list(range(0, len(items), self.cfg.batch_size))
+        for i in batches[distributed.world().rank::distributed.world().size]:  # under torchrun: a share each
             losses = self.token_losses(items[i: i + self.cfg.batch_size])
             total += float(losses.double().sum())
             count += losses.numel()
+        total, count = distributed.all_sum(torch.tensor([total, float(count)], dtype=torch.float64,
+                                                       device=self.device)).tolist()
         return total / max(count, 1)
 
     # -- state on disk
@@ -493,6 +510,8 @@ def finetune(model: nn.Module, processor, cfg: FinetuneConfig, work_dir: str | P
     from . import data, models
     from .evaluate import encoder_fingerprint
 
+    quiet = quiet or not distributed.world().is_main
+
     t_start = time.perf_counter()
 
     def log(msg: str) -> None:
@@ -583,7 +602,9 @@ def finetune(model: nn.Module, processor, cfg: FinetuneConfig, work_dir: str | P
                  "best_step": best_step, "best_valid_loss": best_loss, "initial_valid_loss": initial,
                  "bad_evals": bad, "curve": curve, "seconds": seconds_before + time.perf_counter() - t_start,
                  "provenance": provenance}
-            _save_state(state_dir, m, _snapshot(params), best, trainer.optimizer_tensors())
+            if distributed.world().is_main:  # one writer; the others wait until the state is on disk
+                _save_state(state_dir, m, _snapshot(params), best, trainer.optimizer_tensors())
+            distributed.barrier()
 
         if not meta:
             save(False)

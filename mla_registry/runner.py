@@ -54,9 +54,10 @@ def _checkpoint(exp: Experiment, v: Variant, vdir: Path, fingerprint: str, force
     if distributed.broadcast(reuse):  # every rank follows rank 0's view of the disk
         _log(f"[{v.name}] reusing {ckpt}", quiet)
         return str(ckpt)
-    if not distributed.world().is_main:
+    if not distributed.world().is_main and not v.finetune:
         distributed.barrier()  # rank 0 converts and saves; the others then load what it wrote
         return str(ckpt)
+    # (with fine-tuning every rank converts the same way and trains its share of each batch; rank 0 saves)
     _log(f"[{v.name}] converting {exp.base_model}: {', '.join(s.short() for s in v.attention) or 'no change'}",
          quiet)
     model, processor = models.load(exp.base_model, device=exp.device, dtype=models.parse_dtype(exp.dtype))
@@ -69,7 +70,8 @@ def _checkpoint(exp: Experiment, v: Variant, vdir: Path, fingerprint: str, force
         cfg = FinetuneConfig.from_mapping(v.finetune, defaults=exp.data)
         prov["finetune"] = finetune(model, processor, cfg, work_dir=vdir / "finetune", teacher_ref=exp.base_model,
                                     quiet=quiet)
-    checkpoint.save(model, ckpt, processor, provenance=prov)
+    if distributed.world().is_main:
+        checkpoint.save(model, ckpt, processor, provenance=prov)
     del model
     gc.collect()
     distributed.barrier()

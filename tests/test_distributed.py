@@ -103,3 +103,38 @@ def test_streamed_hub_dataset_is_sharded_by_node(tmp_path):
     ma = json.loads((tmp_path / "single" / "metrics.json").read_text())
     mb = json.loads((tmp_path / "double" / "metrics.json").read_text())
     assert ma["wer"] == mb["wer"] and mb["world_size"] == 2
+
+
+def test_two_process_finetuning_writes_one_checkpoint_that_reloads(tmp_path, tiny_model):
+    """Data-parallel fine-tuning: both ranks train their half of each batch, gradients are summed, rank 0 alone
+    writes; the result matches a single-process run on the same batches."""
+    import torch
+
+    from mla_registry import checkpoint, models
+    from mla_registry.convert import convert_model
+
+    processor = models.load_processor("bundled:whisper-tiny.en")
+    teacher, src = tmp_path / "teacher", tmp_path / "mla16"
+    model = tiny_model()
+    checkpoint.save(model, teacher, processor)
+    convert_model(model, processor, ["decoder.*=mla:rank=16,init=svd"])
+    checkpoint.save(model, src, processor, provenance={"source_model": str(teacher)})
+    args = ["-m", "mla_registry.cli.main", "finetune", "--model", str(src), "--train", DATA, "--valid", DATA,
+            "--objective", "ce+distill", "--steps", "3", "--batch-size", "4", "--eval-every", "1", "--lr", "1e-3",
+            "--warmup-steps", "0", "--patience", "0", "--quiet"]
+    one = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one")], capture_output=True, text=True,
+                         timeout=600, env=_env())
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = _torchrun(*args, "--out", str(tmp_path / "two"))
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("wrote ") == 1  # rank 0 alone reports and writes
+    assert not (tmp_path / "two.work" / "state" / "params.safetensors.tmp").exists()
+
+    a, b = checkpoint.load(tmp_path / "one"), checkpoint.load(tmp_path / "two")
+    assert checkpoint.read_manifest(tmp_path / "two")["provenance"]["world_size"] == 2
+    pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
+    changed = [n for n in pa if "kv_down" in n or "k_up" in n]
+    assert changed and all(torch.allclose(pa[n], pb[n], atol=1e-5) for n in pa)
+    feats = torch.randn(1, 80, 3000, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(a.generate(feats, max_new_tokens=5), b.generate(feats, max_new_tokens=5))
