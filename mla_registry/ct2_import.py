@@ -159,30 +159,28 @@ def _state_dict(model: Ct2Model) -> tuple[dict[str, np.ndarray], set[str]]:
     for i in (1, 2):
         linear(f"{e}.conv{i}", f"encoder/conv{i}")
     sd[f"{e}.embed_positions.weight"] = v("encoder/position_encodings/encodings")
-    for i in range(_count_layers(model, "encoder")):
-        hf, ct = f"{e}.layers.{i}", f"encoder/layer_{i}"
+    def self_attention_and_ffn(hf: str, ct: str) -> None:
+        """What encoder and decoder layers share: fused self-attention, its norm, the FFN and its norm."""
         fused(f"{hf}.self_attn", f"{ct}/self_attention/linear_0", ("q_proj", "k_proj", "v_proj"))
         linear(f"{hf}.self_attn.out_proj", f"{ct}/self_attention/linear_1")
         norm(f"{hf}.self_attn_layer_norm", f"{ct}/self_attention/layer_norm")
         linear(f"{hf}.fc1", f"{ct}/ffn/linear_0")
         linear(f"{hf}.fc2", f"{ct}/ffn/linear_1")
         norm(f"{hf}.final_layer_norm", f"{ct}/ffn/layer_norm")
+
+    for i in range(_count_layers(model, "encoder")):
+        self_attention_and_ffn(f"{e}.layers.{i}", f"encoder/layer_{i}")
     norm(f"{e}.layer_norm", "encoder/layer_norm")
 
     sd[f"{d}.embed_tokens.weight"] = v("decoder/embeddings/weight")
     sd[f"{d}.embed_positions.weight"] = v("decoder/position_encodings/encodings")
     for i in range(_count_layers(model, "decoder")):
         hf, ct = f"{d}.layers.{i}", f"decoder/layer_{i}"
-        fused(f"{hf}.self_attn", f"{ct}/self_attention/linear_0", ("q_proj", "k_proj", "v_proj"))
-        linear(f"{hf}.self_attn.out_proj", f"{ct}/self_attention/linear_1")
-        norm(f"{hf}.self_attn_layer_norm", f"{ct}/self_attention/layer_norm")
+        self_attention_and_ffn(hf, ct)
         linear(f"{hf}.encoder_attn.q_proj", f"{ct}/attention/linear_0")
         fused(f"{hf}.encoder_attn", f"{ct}/attention/linear_1", ("k_proj", "v_proj"))
         linear(f"{hf}.encoder_attn.out_proj", f"{ct}/attention/linear_2")
         norm(f"{hf}.encoder_attn_layer_norm", f"{ct}/attention/layer_norm")
-        linear(f"{hf}.fc1", f"{ct}/ffn/linear_0")
-        linear(f"{hf}.fc2", f"{ct}/ffn/linear_1")
-        norm(f"{hf}.final_layer_norm", f"{ct}/ffn/layer_norm")
     norm(f"{d}.layer_norm", "decoder/layer_norm")
     proj = v("decoder/projection/weight")
     if not np.array_equal(proj, sd[f"{d}.embed_tokens.weight"]):
