@@ -7,20 +7,63 @@
   expects the module to apply causality itself; forgetting it trains a non-causal decoder without any error.
 - :func:`select_cache` / :func:`cached_states`: the ``EncoderDecoderCache`` protocol of ``WhisperAttention``
   (self-attention appends, cross-attention computes once and reuses).
+- :meth:`SlotAttention.forward`: the host model's call, whatever name the installed transformers gives the cache
+  (``past_key_values`` up to 5.23, ``cache`` from 5.24), normalised once here; plugins implement
+  :meth:`SlotAttention.attention`, whose signature mla-registry owns and keeps stable.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable
 from typing import Any
 
 import torch
+import transformers
 from torch import nn
 from transformers.cache_utils import Cache, EncoderDecoderCache
 
 from .builder import Slot
+from .errors import HostInterfaceError
 
 KV = tuple[torch.Tensor, torch.Tensor]
+
+# The names transformers has given the cache argument of ``WhisperAttention.forward``, newest first.
+CACHE_KWARGS = ("cache", "past_key_values")
+
+
+@functools.cache
+def host_cache_kwarg() -> str:
+    """The name under which the installed transformers passes the cache to Whisper's attention modules, read
+    from ``WhisperAttention.forward``'s signature; a :class:`HostInterfaceError` when it is none we know (a
+    release that renamed it again: decoding would silently run without a cache)."""
+    from transformers.models.whisper.modeling_whisper import WhisperAttention
+
+    params = inspect.signature(WhisperAttention.forward).parameters
+    for name in CACHE_KWARGS:
+        if name in params:
+            return name
+    raise HostInterfaceError(
+        f"transformers {transformers.__version__}: WhisperAttention.forward takes its cache under none of "
+        f"{', '.join(CACHE_KWARGS)} (its parameters: {', '.join(params)}). This mla-registry does not know this "
+        "release; install the transformers version pyproject.toml allows (pip install -e . or 'mla-registry[...]')"
+    )
+
+
+def host_cache(past_key_values: Cache | None, cache: Cache | None, kwargs: dict[str, Any]) -> Cache | None:
+    """The cache the host passed, under either name; refuses two different caches, and a ``Cache`` under a
+    name this module does not know (it would otherwise be dropped in ``**kwargs`` and decoding would run
+    without a cache, producing wrong tokens with no error)."""
+    if past_key_values is not None and cache is not None and past_key_values is not cache:
+        raise HostInterfaceError("the host model passed two different caches (past_key_values= and cache=)")
+    stray = sorted(k for k, v in kwargs.items() if isinstance(v, Cache))
+    if stray:
+        raise HostInterfaceError(
+            f"transformers {transformers.__version__} passed the attention cache as {', '.join(stray)}=, a name "
+            f"mla-registry does not know ({', '.join(CACHE_KWARGS)}); decoding would silently drop it"
+        )
+    return cache if cache is not None else past_key_values
 
 
 class SlotAttention(nn.Module):
@@ -29,6 +72,7 @@ class SlotAttention(nn.Module):
 
     def __init__(self, slot: Slot) -> None:
         super().__init__()
+        host_cache_kwarg()  # fail at build time, not with wrong tokens, on a host whose cache name is unknown
         if slot.embed_dim % slot.num_heads:
             raise ValueError(f"slot {slot.name}: embed_dim {slot.embed_dim} is not divisible by "
                              f"{slot.num_heads} heads")
@@ -41,6 +85,35 @@ class SlotAttention(nn.Module):
         self.is_decoder = slot.kind.startswith("decoder")
         self.is_cross = slot.is_cross
         self.layer_idx = slot.layer_idx
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        key_value_states: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        output_attentions: bool = False,
+        *,
+        cache: Cache | None = None,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``WhisperAttention``'s call and return, on every transformers release the project allows: the cache
+        arrives as ``past_key_values=`` (<= 5.23), ``cache=`` (>= 5.24) or third positional argument (both);
+        it is handed to :meth:`attention` under one name. Cross-attention when ``key_value_states`` is given."""
+        cache = host_cache(past_key_values, cache, kwargs)
+        return self.attention(hidden_states, key_value_states, cache, attention_mask, output_attentions)
+
+    def attention(
+        self,
+        hidden_states: torch.Tensor,
+        key_value_states: torch.Tensor | None,
+        cache: Cache | None,
+        attention_mask: torch.Tensor | None,
+        output_attentions: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:  # pragma: no cover - abstract
+        """What a plugin implements: attention output ``[B, q, embed_dim]`` and weights (or None).
+        ``cache`` is the host's cache (an ``EncoderDecoderCache`` in generate, None without a cache)."""
+        raise NotImplementedError
 
     def param_bytes(self) -> int:
         """Bytes per element of the module's parameters (the dtype its cache will hold)."""
@@ -137,38 +210,34 @@ def attend(
     return out, None
 
 
-def select_cache(
-    past_key_values: Cache | None, layer_idx: int | None, is_cross: bool
-) -> tuple[Cache | None, bool]:
-    """The part of ``past_key_values`` this call uses, and whether its cross-attention entry is filled.
+def select_cache(cache: Cache | None, layer_idx: int | None, is_cross: bool) -> tuple[Cache | None, bool]:
+    """The part of the host's ``cache`` this call uses, and whether its cross-attention entry is filled.
 
     Mirrors ``WhisperAttention``: for an ``EncoderDecoderCache`` a cross-attention call reads and then sets
     ``is_updated[layer_idx]``; self-attention uses ``self_attention_cache``. A plain cache is used as is.
     """
-    if not isinstance(past_key_values, EncoderDecoderCache):
-        return past_key_values, False
-    is_updated = bool(past_key_values.is_updated.get(layer_idx))
+    if not isinstance(cache, EncoderDecoderCache):
+        return cache, False
+    is_updated = bool(cache.is_updated.get(layer_idx))
     if is_cross:
-        past_key_values.is_updated[layer_idx] = True
-        return past_key_values.cross_attention_cache, is_updated
-    return past_key_values.self_attention_cache, is_updated
+        cache.is_updated[layer_idx] = True
+        return cache.cross_attention_cache, is_updated
+    return cache.self_attention_cache, is_updated
 
 
-def cached_states(
-    past_key_values: Cache | None, layer_idx: int | None, is_cross: bool, compute: Callable[[], KV]
-) -> KV:
+def cached_states(cache: Cache | None, layer_idx: int | None, is_cross: bool, compute: Callable[[], KV]) -> KV:
     """The (keys, values) entry this call attends over: ``compute()`` of the new tokens appended to the cache,
     or, for cross-attention whose cache is already filled, the cached entry itself (no recomputation).
 
     What is stored is up to the module (MLA stores its latent as keys and a zero-width tensor as values).
     """
-    cache, is_updated = select_cache(past_key_values, layer_idx, is_cross)
-    if is_cross and cache is not None and is_updated:
-        layer = cache.layers[layer_idx]
+    part, is_updated = select_cache(cache, layer_idx, is_cross)
+    if is_cross and part is not None and is_updated:
+        layer = part.layers[layer_idx]
         return layer.keys, layer.values
     keys, values = compute()
-    if cache is not None:
-        keys, values = cache.update(keys, values, layer_idx)
+    if part is not None:
+        keys, values = part.update(keys, values, layer_idx)
     return keys, values
 
 
@@ -186,16 +255,8 @@ class GroupedQueryAttention(SlotAttention):
         self.q_proj = nn.Linear(d, d, bias=slot.bias)
         self.out_proj = nn.Linear(d, d, bias=slot.bias)
 
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        key_value_states: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
-        attention_mask: torch.Tensor | None = None,
-        output_attentions: bool = False,
-        **kwargs: Any,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Same call and return as ``WhisperAttention.forward``; cross-attention when ``key_value_states``."""
+    def attention(self, hidden_states, key_value_states, cache, attention_mask, output_attentions):
+        """K/V projected (or read from the cache) for ``kv_heads`` heads; queries folded onto them."""
         is_cross = key_value_states is not None
         source = key_value_states if is_cross else hidden_states
         query = self.query(self.q_proj, hidden_states)
@@ -204,7 +265,7 @@ class GroupedQueryAttention(SlotAttention):
             return (self.split_heads(self.k_proj(source), self.kv_heads),
                     self.split_heads(self.v_proj(source), self.kv_heads))
 
-        key, value = cached_states(past_key_values, self.layer_idx, is_cross, project)
+        key, value = cached_states(cache, self.layer_idx, is_cross, project)
         out, weights = attend(self, query, key, value, attention_mask, output_attentions=output_attentions)
         return self.out_proj(self.merge_heads(out)), weights
 

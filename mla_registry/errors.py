@@ -31,3 +31,11 @@ class DataError(MlaRegistryError):
 
 class ExperimentError(MlaRegistryError):
     """An experiments YAML file is invalid."""
+
+
+class HostInterfaceError(MlaRegistryError):
+    """The installed transformers calls attention modules in a way this mla-registry does not know."""
+
+
+class InstallError(MlaRegistryError):
+    """A dependency is missing or cannot load (an installation problem, never the user's data)."""

@@ -51,16 +51,15 @@ class MultiHeadLatentAttention(SlotAttention):
         self.v_up = nn.Linear(rank, d, bias=slot.bias)
         self.out_proj = nn.Linear(d, d, bias=slot.bias)
 
-    def forward(
+    def attention(
         self,
         hidden_states: torch.Tensor,
-        key_value_states: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
-        attention_mask: torch.Tensor | None = None,
-        output_attentions: bool = False,
-        **kwargs: Any,
+        key_value_states: torch.Tensor | None,
+        cache: Cache | None,
+        attention_mask: torch.Tensor | None,
+        output_attentions: bool,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Same call and return as ``WhisperAttention.forward``; cross-attention when ``key_value_states``."""
+        """The latent projected (or read from the cache); absorbed or re-expanded attention over it."""
         is_cross = key_value_states is not None
         source = key_value_states if is_cross else hidden_states
         query = self.query(self.q_proj, hidden_states)
@@ -69,8 +68,8 @@ class MultiHeadLatentAttention(SlotAttention):
             latent = self.kv_down(source).unsqueeze(1)  # [B, 1, T, rank]
             return latent, latent.new_zeros((*latent.shape[:-1], 0))
 
-        latent, _ = cached_states(past_key_values, self.layer_idx, is_cross, project)
-        if self.absorb and not self.training and past_key_values is not None:
+        latent, _ = cached_states(cache, self.layer_idx, is_cross, project)
+        if self.absorb and not self.training and cache is not None:
             out, weights = self._absorbed(query, latent, attention_mask, output_attentions)
         else:
             c = latent.squeeze(1)

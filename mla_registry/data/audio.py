@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
+import io
 import os
 import warnings
 from collections.abc import Iterable, Iterator
@@ -16,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from mla_registry.cache import cache_dir
-from mla_registry.errors import DataError
+from mla_registry.errors import DataError, InstallError
 
 from .utterance import SAMPLE_RATE, Utterance
 
@@ -46,6 +48,52 @@ def target_feature() -> Any:
     from datasets import Audio
 
     return Audio(sampling_rate=SAMPLE_RATE)
+
+
+def _required(package: str) -> str:
+    """The range of ``package`` this mla-registry declares (its metadata), e.g. ``torchcodec>=0.13.0,<=0.13.0``."""
+    import importlib.metadata
+
+    try:
+        for req in importlib.metadata.requires("mla-registry") or []:
+            if req.split(";")[0].replace(" ", "").lower().startswith(package):
+                return req.split(";")[0].strip()
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - running from a source tree
+        pass
+    return package
+
+
+@functools.cache
+def check_decoder() -> None:
+    """Prove the audio decoder loads by decoding a tiny WAV in memory, once per process. A torchcodec that does
+    not load (a release built for another torch, FFmpeg's libraries missing) is an :class:`InstallError` naming
+    the package and the fix; left to the per-file decoding it would read as 'audio file ... cannot be decoded'."""
+    import wave
+
+    import torch
+
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(SAMPLE_RATE)
+        w.writeframes((np.sin(np.arange(160) / 3.0) * 8000).astype("<i2").tobytes())
+    fix = (f"install the torchcodec built for torch {torch.__version__.split('+')[0]} (pip install "
+           f"'{_required('torchcodec')}', as pyproject.toml declares) and FFmpeg's shared libraries "
+           "(Debian/Ubuntu: apt-get install ffmpeg)")
+    try:
+        from torchcodec.decoders import AudioDecoder
+
+        AudioDecoder(buf.getvalue()).get_all_samples()
+    except ImportError as e:
+        raise InstallError(f"the audio decoder torchcodec cannot be imported ({_short(e)}): {fix}") from None
+    except Exception as e:  # noqa: BLE001 - whatever the native loader raises, it is the installation
+        import importlib.metadata
+
+        raise InstallError(
+            f"the audio decoder torchcodec {importlib.metadata.version('torchcodec')} does not load with torch "
+            f"{torch.__version__}: {_short(e)}. This is an installation problem, not a bad audio file: {fix}"
+        ) from None
 
 
 def check_audio(samples: np.ndarray) -> str | None:
@@ -116,6 +164,7 @@ def rows_to_utterances(
     from datasets import Audio
     from tqdm.auto import tqdm
 
+    check_decoder()
     feature = target_feature()
     ds = ds.cast_column(audio_col, feature)
     raw_ds = ds.cast_column(audio_col, Audio(decode=False))

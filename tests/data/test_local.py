@@ -158,3 +158,28 @@ def test_audiofolder_with_split_folders(tmp_path, data_cache, tone):
         load(str(tmp_path / "af"), quiet=True)
     (u,) = load(f"hf:{tmp_path / 'af'}?split=test", quiet=True)
     assert u.text == "test words" and abs(u.duration - 1.0) < 0.01
+
+
+def test_a_decoder_that_cannot_load_is_an_install_error_not_a_bad_file(wav_dir, data_cache, monkeypatch):
+    """A torchcodec built for another torch fails inside its native loader; that must not read as a bad file."""
+    import torchcodec.decoders
+
+    from mla_registry.data import audio
+    from mla_registry.errors import InstallError
+
+    class Broken:
+        def __init__(self, *a, **k):
+            raise RuntimeError("Could not load libtorchcodec. Likely causes: ... libtorchcodec_core7.so: undefined "
+                               "symbol: _ZN3c1013MessageLogger")
+
+    (wav_dir / "metadata.csv").write_text("file_name,transcription\na.wav,first clip\n")
+    monkeypatch.setattr(torchcodec.decoders, "AudioDecoder", Broken)
+    audio.check_decoder.cache_clear()
+    try:
+        with pytest.raises(InstallError) as info:
+            load(str(wav_dir), quiet=True)
+    finally:
+        audio.check_decoder.cache_clear()
+    message = str(info.value)
+    assert "installation problem, not a bad audio file" in message and "torchcodec" in message
+    assert "pip install 'torchcodec" in message and "a.wav" not in message
