@@ -48,14 +48,13 @@ from typing import Any
 import torch
 from torch import nn
 
-DEFAULT_CALIBRATION = "calibration=builtin:real,calibration_size=16"
 DEFAULT_VARIANTS: dict[str, dict[str, Any]] = {
     "stock": {"specs": []},
     "mha": {"specs": ["decoder.*=mha"]},
     "gqa2": {"specs": ["decoder.*=gqa:kv_heads=2"]},
-    "mla192": {"specs": [f"decoder.*=mla:rank=192,{DEFAULT_CALIBRATION}"]},
+    "mla192": {"specs": ["decoder.*=mla:rank=192"]},
     # re-expanding K/V over 1500 frames every step costs ~28 GFLOP per step at batch 16: skip batch 64
-    "mla192-expand": {"specs": [f"decoder.*=mla:rank=192,absorb=false,{DEFAULT_CALIBRATION}"],
+    "mla192-expand": {"specs": ["decoder.*=mla:rank=192,absorb=false"],
                       "batch_sizes": [1, 16]},
 }
 STOCK = "stock"
@@ -217,7 +216,7 @@ def run_generate(model: nn.Module, hidden: torch.Tensor, steps: int, forced: boo
     from transformers import LogitsProcessorList
     from transformers.modeling_outputs import BaseModelOutput
 
-    from mla_registry.families import whisper
+    from mla_registry import whisper
 
     clock = StepClock(device)
     kwargs: dict[str, Any] = {"max_new_tokens": steps}
@@ -249,15 +248,17 @@ def run_generate(model: nn.Module, hidden: torch.Tensor, steps: int, forced: boo
 
 
 def build_variants(args: argparse.Namespace, variants: list[Variant], base: nn.Module, processor) -> None:
+    from mla_registry.calibration import CalibrationSettings
     from mla_registry.convert import convert_model
 
+    calibration = CalibrationSettings("builtin:real", 16)  # speed only: any real speech calibrates
     for v in variants:
         if not v.specs:
             v.model = base
             continue
         t0 = time.perf_counter()
         model = copy.deepcopy(base)
-        convert_model(model, processor, v.specs, quiet=args.quiet)
+        convert_model(model, processor, v.specs, calibration, quiet=args.quiet)
         v.model = model.eval()
         log(args, f"built {v.name} ({'; '.join(v.specs)}) in {time.perf_counter() - t0:.1f}s")
 
@@ -339,8 +340,8 @@ def run_ct2(args: argparse.Namespace, feats_by_batch: dict[int, torch.Tensor], p
 def benchmark(args: argparse.Namespace, variants: list[Variant]) -> dict[str, Any]:
     from transformers.utils import logging as hf_logging
 
-    from mla_registry import data, models
-    from mla_registry.families import whisper
+    from mla_registry import data, whisper
+    from mla_registry import model_refs as models
 
     hf_logging.set_verbosity_error()
     if args.threads:

@@ -8,7 +8,7 @@ import click
 @click.command("import-ct2")
 @click.argument("src", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Directory to write.")
-@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it holds a model imported earlier.")
 def command(src: str, out: str, overwrite: bool) -> None:
     """Import the CTranslate2 Whisper model in SRC (model.bin, config.json, tokenizer.json) as a Hugging Face
     directory that WhisperForConditionalGeneration / WhisperProcessor.from_pretrained load.

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from mla_registry.report import FORMATS
+
 from .options import quiet_option
 
 
@@ -11,7 +13,8 @@ from .options import quiet_option
 @click.argument("config", type=click.Path(dir_okay=False), default="experiments.yaml", required=False)
 @click.option("--force", is_flag=True, help="Recompute every variant, even those already finished.")
 @click.option("--check", is_flag=True, help="Only validate the YAML (plugins, kwargs, slots, datasets).")
-@click.option("--format", "fmt", default="simple", show_default=True, help="Table format: simple, github, latex.")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="simple", show_default=True,
+              help="Table format.")
 @quiet_option
 def command(config: str, force: bool, check: bool, fmt: str, quiet: bool) -> None:
     """Convert (and fine-tune) every variant named in CONFIG, save each as a checkpoint, reload it from disk,
@@ -38,7 +41,7 @@ def command(config: str, force: bool, check: bool, fmt: str, quiet: bool) -> Non
         return
     from mla_registry import report
 
-    click.echo(report.full_report(exp.run_dir, fmt))
+    click.echo(report.full_report(results["report"], fmt))
     click.echo(f"\nwrote {exp.run_dir}/results.json, report.md, report.csv "
                f"({results['wall_seconds_this_invocation']:.0f} s this run; encoder batches computed "
                f"{results['encoder_reuse']['computed_batches']}, reused {results['encoder_reuse']['reused_batches']})")

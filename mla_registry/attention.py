@@ -239,36 +239,3 @@ def cached_states(cache: Cache | None, layer_idx: int | None, is_cross: bool, co
     if part is not None:
         keys, values = part.update(keys, values, layer_idx)
     return keys, values
-
-
-class GroupedQueryAttention(SlotAttention):
-    """Whisper-interface attention with ``kv_heads`` key/value heads shared by groups of query heads
-    (``kv_heads == num_heads``: ordinary multi-head attention, parameter for parameter ``WhisperAttention``)."""
-
-    def __init__(self, slot: Slot, kv_heads: int) -> None:
-        super().__init__(slot)
-        self.kv_heads = kv_heads
-        self.num_key_value_groups = self.num_heads // kv_heads
-        d, kv_dim = self.embed_dim, kv_heads * self.head_dim
-        self.k_proj = nn.Linear(d, kv_dim, bias=False)
-        self.v_proj = nn.Linear(d, kv_dim, bias=slot.bias)
-        self.q_proj = nn.Linear(d, d, bias=slot.bias)
-        self.out_proj = nn.Linear(d, d, bias=slot.bias)
-
-    def attention(self, hidden_states, key_value_states, cache, attention_mask, output_attentions):
-        """K/V projected (or read from the cache) for ``kv_heads`` heads; queries folded onto them."""
-        is_cross = key_value_states is not None
-        source = key_value_states if is_cross else hidden_states
-        query = self.query(self.q_proj, hidden_states)
-
-        def project() -> tuple[torch.Tensor, torch.Tensor]:
-            return (self.split_heads(self.k_proj(source), self.kv_heads),
-                    self.split_heads(self.v_proj(source), self.kv_heads))
-
-        key, value = cached_states(cache, self.layer_idx, is_cross, project)
-        out, weights = attend(self, query, key, value, attention_mask, output_attentions=output_attentions)
-        return self.out_proj(self.merge_heads(out)), weights
-
-    def kv_cache_bytes_per_token(self) -> int:
-        """K and V for ``kv_heads`` heads: ``2 * kv_heads * head_dim`` elements per token."""
-        return 2 * self.kv_heads * self.head_dim * self.param_bytes()

@@ -91,24 +91,54 @@ class Slot:
 
 
 class ConversionContext(Protocol):
-    """What a builder may ask of the conversion while it converts (given by :mod:`mla_registry.surgery`)."""
+    """What a builder may ask of the conversion while it converts (given by :mod:`mla_registry.convert`).
 
-    def calibration_inputs(self, slot: Slot, data: str, size: int) -> torch.Tensor:
-        """The real inputs of ``slot``'s key/value projections over calibration audio: ``[tokens, embed_dim]``.
+    Calibration is a setting of the conversion (``--calibration REF --calibration-size N``, the YAML's
+    ``data.calibration`` / ``data.calibration_size``), not a kwarg of any plugin: every plugin that asks gets the
+    same utterances, and the checkpoint records which."""
+
+    def calibration_inputs(self, slot: Slot) -> torch.Tensor:
+        """The real inputs of ``slot``'s key/value projections over the calibration audio: ``[tokens, embed_dim]``.
 
         For self-attention these are the hidden states entering the module; for cross-attention the encoder
-        output. Computed once per (data, size) with the original, unconverted model, and cached.
-        """
+        output. Computed once, with the original unconverted model, and cached."""
+
+    def query_inputs(self, slot: Slot) -> torch.Tensor:
+        """The real inputs of ``slot``'s query projection over the calibration audio: ``[tokens, embed_dim]``
+        (the same tensor as :meth:`calibration_inputs` for self-attention; the decoder's hidden states for
+        cross-attention)."""
+
+
+@dataclass(frozen=True)
+class Equivalence:
+    """Two configurations a plugin declares equal in output (the conformance kit checks each):
+    ``kwargs`` (merged into a case's kwargs) against ``reference`` (other kwargs; ``None``: the original,
+    unconverted model)."""
+
+    what: str
+    kwargs: Mapping[str, Any]
+    reference: Mapping[str, Any] | None = None
+    atol: float = 1e-4
 
 
 class AttentionBuilder:
-    """Base class of attention builders. Subclasses set ``name``, ``version``, ``kwargs`` and implement
-    :meth:`build` and :meth:`convert`; the modules they return implement ``kv_cache_bytes_per_token()``."""
+    """Base class of attention builders. Subclasses set ``name``, ``version``, ``kwargs`` (the schema),
+    ``parameter_groups``, and implement :meth:`build` and :meth:`convert`; the modules they return implement
+    ``kv_cache_bytes_per_token()``.
+
+    Kwargs arrive validated: the caller (:mod:`mla_registry.surgery` when converting, the loader when
+    rebuilding) runs :meth:`validate` and :meth:`check_slot` once; ``build`` and ``convert`` do not repeat it.
+    The module ``convert`` returns may be on any device and dtype and in any train mode: surgery puts it on the
+    original's device, dtype and mode."""
 
     name: str = ""
     version: str = "0"
     description: str = ""
     kwargs: tuple[Kwarg, ...] = ()
+    #: parameter-name prefixes (inside the module) of each group: "query", "kv" (what makes or holds K/V),
+    #: "output". Fine-tuning's ``trainable: kv`` trains the "kv" group; a plugin that declares none cannot be
+    #: fine-tuned that way (a clear error, never "train everything").
+    parameter_groups: Mapping[str, tuple[str, ...]] = {}
     package: str = ""  # filled by the registry: the distribution that provides the builder
 
     def validate(self, kwargs: Mapping[str, Any], where: str = "") -> dict[str, Any]:
@@ -142,8 +172,37 @@ class AttentionBuilder:
         keep = {k.name for k in self.kwargs if k.build}
         return {k: v for k, v in kwargs.items() if k in keep}
 
+    def plan(self, slots: list[Slot], kwargs: Mapping[str, Any], context: ConversionContext | None
+             ) -> dict[str, dict[str, Any]]:
+        """Per-slot kwargs for the slots one spec selected, by slot path. The default gives every slot the same
+        kwargs; a builder overrides it to decide across slots (e.g. ranks allocated under one KV budget). What
+        it returns is validated and checked per slot, then recorded per slot in the manifest."""
+        return {s.path: dict(kwargs) for s in slots}
+
+    def equivalences(self, slot: Slot) -> list[Equivalence]:
+        """Configurations that must reproduce each other (or the original) exactly, for the conformance kit."""
+        return []
+
     def build(self, slot: Slot, **kwargs: Any) -> nn.Module:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def convert(self, original: nn.Module, slot: Slot, context: ConversionContext, **kwargs: Any) -> nn.Module:
+    def convert(self, original: nn.Module, slot: Slot, context: ConversionContext | None,
+                **kwargs: Any) -> nn.Module:
         raise NotImplementedError  # pragma: no cover - abstract
+
+
+def checked_kwargs(builder: AttentionBuilder, kwargs: Mapping[str, Any], slots: list[Slot], where: str
+                   ) -> dict[str, Any]:
+    """``kwargs`` validated by ``builder`` and checked against every slot, once. Anything but a
+    :class:`KwargError` raised by the plugin's own checks becomes a KwargError naming the plugin (a bug in a
+    plugin's validation must read as that, not as a traceback)."""
+    try:
+        out = builder.validate(kwargs, where=where)
+        for slot in slots:
+            builder.check_slot(slot, out)
+    except KwargError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - see the docstring
+        raise KwargError(f"{where}: plugin '{builder.name}' ({builder.package or type(builder).__module__}) "
+                         f"failed while checking its kwargs: {type(exc).__name__}: {exc}") from None
+    return out

@@ -8,8 +8,9 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from .cache import cache_dir, write_json_atomic
+from .atomic import write_json
 from .errors import ModelRefError
+from .storage import cache_dir
 
 PREFIX = "bundled:"
 MARKER = ".mla-registry-import.json"  # written last: its presence and content say the cache is complete
@@ -72,5 +73,5 @@ def resolve_bundled(ref: str) -> Path:
     from .ct2_import import import_ct2
 
     import_ct2(src, target, overwrite=True)
-    write_json_atomic(marker, stamp)
+    write_json(marker, stamp)
     return target

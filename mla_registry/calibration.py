@@ -1,58 +1,92 @@
 """Calibration: the real inputs each attention module sees on real audio, for activation-aware conversion.
 
 One teacher-forced pass of the *original* model over the calibration utterances (audio + reference transcript)
-records, through forward pre-hooks, what enters every attention module's key/value projections: the hidden
-states for self-attention, the encoder output for cross-attention. Padding tokens of the decoder are dropped.
+records, through forward pre-hooks, what enters every attention module: its key/value inputs (the hidden states
+for self-attention, the encoder output for cross-attention) and its query inputs (the hidden states; for
+cross-attention the decoder's). Padding positions of the decoder are dropped.
+
+Calibration is a setting of the conversion, not of a plugin: one reference and one size
+(:class:`CalibrationSettings`), the same utterances for every plugin that asks, recorded in the checkpoint.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
+from . import whisper
 from .builder import Slot
-from .families import whisper
+from .errors import DataError
+
+DEFAULT_CALIBRATION = "builtin:tts-train"
+DEFAULT_CALIBRATION_SIZE = 64
+
+
+@dataclass(frozen=True)
+class CalibrationSettings:
+    """Which audio calibrates a conversion: a dataset reference and how many of its utterances."""
+
+    data: str = DEFAULT_CALIBRATION
+    size: int = DEFAULT_CALIBRATION_SIZE
 
 
 class CalibrationContext:
-    """A :class:`mla_registry.builder.ConversionContext` backed by a model, its processor and datasets."""
+    """A :class:`mla_registry.builder.ConversionContext` backed by a model, its processor and a dataset. The
+    capture runs on first use only: conversions that need no calibration load no audio."""
 
-    def __init__(self, model: nn.Module, processor, batch_size: int = 8, quiet: bool = True):
+    def __init__(self, model: nn.Module, processor, settings: CalibrationSettings = CalibrationSettings(),
+                 batch_size: int = 8, quiet: bool = True):
         self.model = model
         self.processor = processor
+        self.settings = settings
         self.batch_size = batch_size
         self.quiet = quiet
-        self._inputs: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
-        self.used: dict[str, dict] = {}  # data ref -> provenance (recorded in the checkpoint)
+        self._kv: dict[str, torch.Tensor] | None = None
+        self._query: dict[str, torch.Tensor] | None = None
+        self.used: dict | None = None  # provenance of the data, once it was used
 
-    def calibration_inputs(self, slot: Slot, data: str, size: int) -> torch.Tensor:
-        key = (data, int(size))
-        if key not in self._inputs:
-            self._inputs[key] = self._capture(data, int(size))
-        return self._inputs[key][slot.path]
+    def calibration_inputs(self, slot: Slot) -> torch.Tensor:
+        if self._kv is None:
+            self._capture()
+        return self._kv[slot.path]
+
+    def query_inputs(self, slot: Slot) -> torch.Tensor:
+        if self._query is None:
+            self._capture()
+        return self._query[slot.path]
 
     @torch.no_grad()
-    def _capture(self, data: str, size: int) -> dict[str, torch.Tensor]:
+    def _capture(self) -> None:
         from . import data as datasets
 
-        utts = datasets.load(data, limit=size, quiet=self.quiet)
-        self.used[data] = {"ref": data, "size": len(utts), **datasets.describe(data)}
+        ref, size = self.settings.data, self.settings.size
+        utts = datasets.load(ref, limit=size, quiet=self.quiet)
+        if len(utts) < size:
+            raise DataError(f"calibration data '{ref}' has {len(utts)} utterances; calibration_size asks for {size}"
+                            " (lower calibration_size, or use a larger set)")
+        self.used = {"ref": ref, "size": len(utts), "fingerprint": datasets.fingerprint_of(utts),
+                     **{k: v for k, v in datasets.describe(ref).items() if k in ("kind", "seed", "version")}}
         paths = {s.path: s for s in whisper.slots(self.model)}
-        chunks: dict[str, list[torch.Tensor]] = {p: [] for p in paths}
+        kv: dict[str, list[torch.Tensor]] = {p: [] for p in paths}
+        query: dict[str, list[torch.Tensor]] = {p: [] for p in paths}
         state: dict[str, torch.Tensor | None] = {"mask": None}
+
+        def rows(x: torch.Tensor, decoder: bool) -> torch.Tensor:
+            x = x[state["mask"]] if decoder else x
+            return x.reshape(-1, x.shape[-1]).float().cpu()
 
         def hook(path: str):
             slot = paths[path]
 
             def pre(_module, args, kwargs):
-                x = kwargs.get("key_value_states") if slot.is_cross else kwargs.get("hidden_states")
-                if x is None:
-                    x = args[0]
-                if slot.is_cross and slot.layer > 0:
-                    return  # every cross-attention slot sees the same encoder output: keep one copy
-                if slot.kind == "decoder.self":
-                    x = x[state["mask"]]
-                chunks[path].append(x.reshape(-1, x.shape[-1]).float().cpu())
+                hidden = kwargs.get("hidden_states", args[0] if args else None)
+                decoder = slot.kind.startswith("decoder")
+                query[path].append(rows(hidden, decoder))
+                if slot.is_cross and slot.layer == 0:  # every cross slot sees the same encoder output: one copy
+                    kv[path].append(rows(kwargs.get("key_value_states", args[1] if len(args) > 1 else None), False))
+                # self-attention: the K/V inputs are the query inputs (the same tensor, stored once)
             return pre
 
         handles = [self.model.get_submodule(p).register_forward_pre_hook(hook(p), with_kwargs=True) for p in paths]
@@ -74,9 +108,6 @@ class CalibrationContext:
             for h in handles:
                 h.remove()
             self.model.train(was_training)
-        out = {p: torch.cat(xs) for p, xs in chunks.items() if xs}
-        cross = next((out[p] for p, s in paths.items() if s.is_cross and p in out), None)
-        for p, s in paths.items():
-            if s.is_cross:
-                out[p] = cross
-        return out
+        self._query = {p: torch.cat(xs) for p, xs in query.items() if xs}
+        cross = next((torch.cat(kv[p]) for p, s in paths.items() if s.is_cross and kv[p]), None)
+        self._kv = {p: (cross if s.is_cross else self._query[p]) for p, s in paths.items() if p in self._query}

@@ -20,21 +20,20 @@ from torch import nn
 from transformers import GenerationConfig, WhisperConfig, WhisperForConditionalGeneration
 from transformers.initialization import no_init_weights
 
-from . import __version__
-from .cache import atomic_dir, write_json_atomic
+from . import __version__, lineage, whisper
+from .atomic import atomic_dir, write_json
 from .errors import CheckpointError, MlaRegistryError
-from .families import whisper
-from .surgery import SLOTS_ATTR, rebuild
+from .lineage import Lineage, Provenance, SlotRecord
+from .surgery import rebuild
 
 MANIFEST = "mla_registry.json"
-FORMAT_VERSION = 1
-PROVENANCE_ATTR = "mla_registry_provenance"
+FORMAT_VERSION = 2  # 2: provenance keeps every fine-tune in "finetunes" (format 1 had "finetune" + history)
+READABLE_FORMATS = (1, 2)
 
 
-def manifest_for(model: nn.Module, provenance: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The manifest that describes ``model``'s attention and where it came from."""
-    prov = dict(getattr(model, PROVENANCE_ATTR, {}) or {})
-    prov.update(provenance or {})
+def manifest_for(model: nn.Module) -> dict[str, Any]:
+    """The manifest that describes ``model``'s attention and where it came from (its :mod:`lineage`)."""
+    lin = lineage.of(model)
     return {
         "format_version": FORMAT_VERSION,
         "written_by": {
@@ -46,16 +45,47 @@ def manifest_for(model: nn.Module, provenance: dict[str, Any] | None = None) -> 
         "family": whisper.FAMILY,
         "base_model_type": model.config.model_type,
         "base_architecture": type(model).__name__,
-        "slots": list(getattr(model, SLOTS_ATTR, [])),
-        "provenance": prov,
+        "slots": [r.to_json() for r in lin.slots],
+        "provenance": lin.provenance.to_json(),
     }
 
 
-def save(model: nn.Module, out_dir: str | Path, processor=None, provenance: dict[str, Any] | None = None) -> Path:
+def is_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` is a directory this package wrote (a manifest beside a config)."""
+    path = Path(path)
+    return (path / MANIFEST).is_file() and (path / "config.json").is_file()
+
+
+def check_target(out_dir: str | Path, overwrite: bool) -> None:
+    """Refuse to write a checkpoint where it would destroy something the user owns: a non-empty directory that
+    is not an mla-registry checkpoint (never), an existing checkpoint (only with ``overwrite``), a file, or a
+    directory that holds the current working directory."""
+    out = Path(out_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"{out}: exists and is not a directory; choose another --out")
+    try:
+        cwd = Path.cwd().resolve()
+        if out.exists() and (cwd == out.resolve() or out.resolve() in cwd.parents):
+            raise CheckpointError(f"{out}: is (or contains) the current working directory; choose another --out")
+    except FileNotFoundError:  # the cwd was deleted under us: nothing to protect there
+        pass
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not is_checkpoint(out):
+        raise CheckpointError(f"{out}: is a non-empty directory that is not an mla-registry checkpoint; nothing "
+                              "was written (its files are left as they are). Choose an empty or new --out")
+    if not overwrite:
+        raise CheckpointError(f"{out}: already holds a checkpoint; pass --overwrite (overwrite=True) to replace it")
+
+
+def save(model: nn.Module, out_dir: str | Path, processor=None, overwrite: bool = False) -> Path:
     """Write ``model`` (and ``processor``) to ``out_dir`` atomically: config, generation config, safetensors
-    weights, processor files, and the manifest. Returns the directory."""
+    weights, processor files, and the manifest (slots and provenance from the model's lineage). An existing
+    checkpoint is replaced only with ``overwrite``; anything else already there is never touched
+    (:func:`check_target`). Returns the directory."""
     out_dir = Path(out_dir)
-    manifest = manifest_for(model, provenance)
+    check_target(out_dir, overwrite)
+    manifest = manifest_for(model)
     bars = transformers.utils.logging.is_progress_bar_enabled()
     transformers.utils.logging.disable_progress_bar()  # a one-file save needs no "Writing model shards" bar
     try:
@@ -63,7 +93,7 @@ def save(model: nn.Module, out_dir: str | Path, processor=None, provenance: dict
             model.save_pretrained(tmp, safe_serialization=True)
             if processor is not None:
                 processor.save_pretrained(tmp)
-            write_json_atomic(tmp / MANIFEST, manifest)
+            write_json(tmp / MANIFEST, manifest)
     finally:
         if bars:
             transformers.utils.logging.enable_progress_bar()
@@ -82,7 +112,7 @@ def read_manifest(ckpt_dir: str | Path) -> dict[str, Any] | None:
     version = manifest.get("format_version")
     if not isinstance(version, int):
         raise CheckpointError(f"{path}: 'format_version' is missing or not an integer")
-    if version > FORMAT_VERSION:
+    if version not in READABLE_FORMATS and version > FORMAT_VERSION:
         writer = manifest.get("written_by", {}).get("mla_registry", "?")
         raise CheckpointError(
             f"{path}: manifest format {version} was written by mla-registry {writer}; this mla-registry "
@@ -90,6 +120,10 @@ def read_manifest(ckpt_dir: str | Path) -> dict[str, Any] | None:
         )
     if not isinstance(manifest.get("slots", []), list):
         raise CheckpointError(f"{path}: 'slots' must be a list")
+    family = manifest.get("family", whisper.FAMILY)
+    if family != whisper.FAMILY:
+        raise CheckpointError(f"{path}: model family {family!r}; this mla-registry converts and loads "
+                              f"{whisper.FAMILY!r} models only")
     return manifest
 
 
@@ -113,11 +147,12 @@ def load(ckpt_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.
     if not (ckpt_dir / "config.json").exists():
         raise CheckpointError(f"{ckpt_dir}: not a model directory (no config.json)")
     manifest = read_manifest(ckpt_dir) or {"slots": [], "provenance": {}}
+    records = slot_records(manifest, ckpt_dir / MANIFEST)
     config = WhisperConfig.from_pretrained(ckpt_dir)
     with no_init_weights():
         model = WhisperForConditionalGeneration(config)
     try:
-        rebuild(model, manifest["slots"], where=str(ckpt_dir / MANIFEST))
+        rebuild(model, records, where=str(ckpt_dir / MANIFEST))
     except MlaRegistryError as exc:
         raise type(exc)(f"cannot rebuild {ckpt_dir}: {exc}") from None
     state = _state_dict(ckpt_dir)
@@ -136,5 +171,33 @@ def load(ckpt_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.
     model.tie_weights()
     if (ckpt_dir / "generation_config.json").exists():
         model.generation_config = GenerationConfig.from_pretrained(ckpt_dir)
-    setattr(model, PROVENANCE_ATTR, manifest.get("provenance", {}))
+    lineage.attach(model, Lineage(records, provenance_of(manifest)))
     return model.to(device=device, dtype=dtype).eval()
+
+
+def slot_records(manifest: dict[str, Any], where: Path) -> list[SlotRecord]:
+    """The manifest's slot records, each checked for the fields a rebuild needs."""
+    out = []
+    for i, rec in enumerate(manifest.get("slots") or []):
+        at = f"{where}: slots[{i}]"
+        if not isinstance(rec, dict):
+            raise CheckpointError(f"{at} must be an object with 'path', 'plugin' and 'kwargs', got {rec!r:.80}")
+        for key, kind in (("path", str), ("plugin", str)):
+            if not isinstance(rec.get(key), kind):
+                raise CheckpointError(f"{at}: '{key}' is missing or not a string")
+        kwargs = rec.get("kwargs", {})
+        if not isinstance(kwargs, dict):
+            raise CheckpointError(f"{at}: 'kwargs' must be an object, got {kwargs!r:.80}")
+        out.append(SlotRecord(slot=str(rec.get("slot") or rec["path"]), path=rec["path"], plugin=rec["plugin"],
+                              plugin_version=str(rec.get("plugin_version", "")),
+                              package=str(rec.get("package") or ""), kwargs=kwargs,
+                              convert_kwargs=dict(rec.get("convert_kwargs") or {})))
+    return out
+
+
+def provenance_of(manifest: dict[str, Any]) -> Provenance:
+    """The manifest's provenance; format 1 kept the last fine-tune apart from the earlier ones."""
+    prov = dict(manifest.get("provenance") or {})
+    if manifest.get("format_version") == 1 and "finetunes" not in prov:
+        prov["finetunes"] = [*prov.get("finetune_history", []), *([prov["finetune"]] if prov.get("finetune") else [])]
+    return Provenance.from_json(prov)

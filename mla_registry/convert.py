@@ -1,5 +1,6 @@
-"""Convert a model's attention with plugins and save it as a self-describing checkpoint (library entry point of
-``mla-registry convert`` and of each converted variant in ``mla-registry run``)."""
+"""Convert a model's attention with plugins, with calibration audio when a plugin asks for it, and record the
+conversion in the model's lineage (the library side of ``mla-registry convert`` and of every converted variant
+of ``mla-registry run``). :mod:`mla_registry.surgery` selects the slots and swaps the modules in."""
 
 from __future__ import annotations
 
@@ -7,25 +8,29 @@ from pathlib import Path
 
 from torch import nn
 
-from . import checkpoint, models, surgery
-from .calibration import CalibrationContext
+from . import checkpoint, lineage, model_refs, surgery
+from .calibration import CalibrationContext, CalibrationSettings
+from .lineage import SlotRecord
 
 
 def convert_model(model: nn.Module, processor, specs: list[str | surgery.AttentionSpec],
-                  quiet: bool = True) -> dict:
-    """Convert ``model`` in place; returns provenance (the specs, the calibration data used)."""
+                  calibration: CalibrationSettings = CalibrationSettings(), source_model: str | None = None,
+                  quiet: bool = True) -> list[SlotRecord]:
+    """Convert ``model`` in place and record the conversion (specs, the calibration data actually used) in its
+    lineage; returns the records of every converted slot."""
     parsed = [surgery.parse_spec(s) if isinstance(s, str) else s for s in specs]
-    context = CalibrationContext(model, processor, quiet=quiet)
-    surgery.convert(model, parsed, context)
-    return {"attention_specs": [s.short() for s in parsed], "calibration": list(context.used.values())}
+    context = CalibrationContext(model, processor, calibration, quiet=quiet)
+    records = surgery.replace_slots(model, parsed, context)
+    lineage.record_conversion(model, source_model, [s.short() for s in parsed], context.used)
+    return records
 
 
-def convert_and_save(model_ref: str, specs: list[str], out: str | Path, device: str = "cpu",
-                     dtype: str | None = None, quiet: bool = True) -> Path:
-    """Load ``model_ref``, convert, save to ``out``; returns the checkpoint directory."""
-    model, processor = models.load(model_ref, device=device, dtype=models.parse_dtype(dtype))
-    prov = getattr(model, checkpoint.PROVENANCE_ATTR, {}) or {}
-    history = list(prov.get("conversions", []))
-    history.append({"source_model": model_ref, **convert_model(model, processor, specs, quiet=quiet)})
-    return checkpoint.save(model, out, processor, provenance={"source_model": prov.get("source_model", model_ref),
-                                                              "conversions": history})
+def convert_and_save(model_ref: str, specs: list[str], out: str | Path,
+                     calibration: CalibrationSettings = CalibrationSettings(), device: str = "cpu",
+                     dtype: str | None = None, overwrite: bool = False, quiet: bool = True) -> Path:
+    """Load ``model_ref``, convert, save to ``out`` (refusing to touch what is there unless it is a checkpoint
+    and ``overwrite``); returns the checkpoint directory."""
+    checkpoint.check_target(out, overwrite)  # before the work, not after
+    model, processor = model_refs.load(model_ref, device=device, dtype=model_refs.parse_dtype(dtype))
+    convert_model(model, processor, specs, calibration, source_model=model_ref, quiet=quiet)
+    return checkpoint.save(model, out, processor, overwrite=overwrite)

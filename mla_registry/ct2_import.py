@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .cache import atomic_dir
+from .atomic import atomic_dir
 from .errors import ModelRefError
 
 # CTranslate2's DataType enum (include/ctranslate2/types.h).
@@ -312,8 +312,12 @@ def import_ct2(src_dir: str | Path, out_dir: str | Path, *, overwrite: bool = Fa
     from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration
 
     src_dir, out_dir = Path(src_dir), Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise ModelRefError(f"{out_dir}: already exists (pass overwrite=True to replace it)")
+    if out_dir.exists() and any(out_dir.iterdir()) if out_dir.is_dir() else out_dir.exists():
+        if not out_dir.is_dir() or not (out_dir / "config.json").is_file():
+            raise ModelRefError(f"{out_dir}: exists and is not a model directory; nothing was written (choose a new "
+                                "or empty --out)")
+        if not overwrite:
+            raise ModelRefError(f"{out_dir}: already holds a model (pass --overwrite / overwrite=True to replace it)")
     model_bin = src_dir / "model.bin"
     ct2 = read_ct2_model(model_bin)
     _check_whisper(ct2)

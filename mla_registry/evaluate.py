@@ -3,11 +3,12 @@ KV cache the model really held.
 
 Encoder outputs can be shared between models whose encoders are identical (:class:`EncoderOutputs`, keyed by a
 hash of the encoder's weights, not by trust), so comparing N decoder variants costs one encoder pass.
+Utterances longer than Whisper's 30-second window are transcribed whole with transformers' long-form
+(sequential, timestamped) decoding, never cut: the same path for every model compared.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -19,37 +20,41 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.modeling_outputs import BaseModelOutput
 
-from . import distributed, normalize, scoring
-from .cache import write_json_atomic, write_text_atomic
-from .data import Utterance
-from .families import whisper
+from . import distributed, fingerprint, kvcache, normalize, scoring, whisper
+from .atomic import write_json, write_text
+from .config import between, setting
+from .data import SAMPLE_RATE, Utterance
+from .errors import DataError, KwargError
 from .surgery import describe
 
-SAMPLING_RATE = whisper.SAMPLING_RATE
+WINDOW_SECONDS = 30.0  # Whisper's input window: longer audio goes through long-form decoding
 
 
 @dataclass(frozen=True)
 class DecodeSettings:
-    """Decoding settings: identical for every model compared in one run."""
+    """Decoding settings: identical for every model compared in one run (the YAML's ``decoding:``)."""
 
-    batch_size: int = 16
-    num_beams: int = 1
-    max_new_tokens: int = 128
+    batch_size: int = setting(16, "utterances decoded together", check=between(1, 4096))
+    num_beams: int = setting(1, "beam width (1 = greedy)", check=between(1, 64), flags=("--beams", "--num-beams"))
+    max_new_tokens: int = setting(128, "most tokens generated per 30-second window (Whisper's decoder holds 448 "
+                                  "positions, prompt included)", check=between(1, 448))
+
+    def __post_init__(self) -> None:
+        from .config import check
+
+        check(self)
+
+    def check_model(self, model: nn.Module) -> None:
+        """Refuse settings the model cannot honour (more positions than its decoder has)."""
+        limit = model.config.max_target_positions - len(whisper.prompt_ids(model))
+        if self.max_new_tokens > limit:
+            raise KwargError(f"decoding.max_new_tokens={self.max_new_tokens}: this model's decoder holds "
+                             f"{model.config.max_target_positions} positions, {limit} after its prompt")
 
 
 def encoder_fingerprint(model: nn.Module) -> str:
-    """sha256 over the encoder's parameter names, dtypes, shapes and bytes: equal only for identical encoders."""
-    return state_fingerprint(model.get_encoder())
-
-
-def state_fingerprint(module: nn.Module) -> str:
-    """sha256 over a module's state-dict names, dtypes, shapes and bytes."""
-    h = hashlib.sha256()
-    for name, t in module.state_dict().items():
-        t = t.detach().contiguous().cpu()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
+    """Equal only for identical encoders (names, dtypes, shapes and bytes of every encoder tensor)."""
+    return fingerprint.of_tensors(model.get_encoder())
 
 
 class EncoderOutputs:
@@ -75,24 +80,55 @@ class EncoderOutputs:
         return self._store[key]
 
 
-def measure_cache(past_key_values) -> dict[str, float]:
-    """Bytes the cache really holds after generation, per sample: self-attention per token, cross per utterance."""
-    out = {"kv_self_bytes_per_token": 0.0, "kv_cross_bytes_per_utterance": 0.0}
-    if past_key_values is None:
-        return out
-    for attr, key in (("self_attention_cache", "self"), ("cross_attention_cache", "cross")):
-        cache = getattr(past_key_values, attr, None)
-        for layer in getattr(cache, "layers", []):
-            k, v = getattr(layer, "keys", None), getattr(layer, "values", None)
-            if k is None or not torch.is_tensor(k) or k.dim() < 3:
-                continue
-            batch, length = k.shape[0], k.shape[-2]
-            nbytes = k.numel() * k.element_size() + (v.numel() * v.element_size() if v is not None else 0)
-            if key == "self":
-                out["kv_self_bytes_per_token"] += nbytes / (batch * max(length, 1))
-            else:
-                out["kv_cross_bytes_per_utterance"] += nbytes / batch
-    return out
+def check_output_dir(out: str | Path) -> None:
+    """Refuse an output directory that holds anything but a previous evaluation's files: evaluation writes
+    ``predictions.jsonl`` and ``metrics.json`` there and must not replace someone else's files of those names."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out}: exists and is not a directory")
+    if not out.is_dir():
+        return
+    ours = {"predictions.jsonl", "metrics.json"}
+    present = {p.name for p in out.iterdir()}
+    try:
+        previous = json.loads((out / "metrics.json").read_text(encoding="utf-8")) if "metrics.json" in present else {}
+    except (OSError, ValueError):
+        previous = None
+    if present & ours and not (isinstance(previous, dict) and "normalizer" in previous):
+        raise DataError(f"--out {out}: holds {', '.join(sorted(present & ours))} that mla-registry did not write; "
+                        "choose another directory")
+
+
+def speed(stats: dict[str, Any]) -> dict[str, float]:
+    """Decode tokens per second and real-time factor (encoder + decode seconds over audio seconds)."""
+    return {"decode_tokens_per_second": stats["generated_tokens"] / max(stats["decode_seconds"], 1e-9),
+            "real_time_factor": (stats["encoder_seconds"] + stats["decode_seconds"]) / max(stats["audio_seconds"],
+                                                                                           1e-9)}
+
+
+def _count_tokens(sequences: torch.Tensor, eos: set[int]) -> int:
+    """Tokens generated up to and including each row's first end-of-text."""
+    return sum(next((j + 1 for j, t in enumerate(row) if t in eos), len(row)) for row in sequences.tolist())
+
+
+def _eos(model: nn.Module) -> set[int]:
+    eos = model.generation_config.eos_token_id
+    return set(eos if isinstance(eos, list) else [eos])
+
+
+def _long_form(model: nn.Module, processor, utt: Utterance, settings: DecodeSettings) -> tuple[str, dict]:
+    """One utterance longer than the window, through transformers' sequential long-form decoding."""
+    param = next(model.parameters())
+    inputs = processor.feature_extractor([utt.audio], sampling_rate=SAMPLE_RATE, return_tensors="pt",
+                                         truncation=False, padding="longest", return_attention_mask=True)
+    t0 = time.perf_counter()
+    out = model.generate(inputs.input_features.to(param.device, param.dtype),
+                         attention_mask=inputs.attention_mask.to(param.device), return_timestamps=True,
+                         condition_on_prev_tokens=False, num_beams=settings.num_beams,
+                         max_new_tokens=settings.max_new_tokens, do_sample=False)
+    seconds = time.perf_counter() - t0
+    text = processor.tokenizer.batch_decode(out, skip_special_tokens=True)[0].strip()
+    return text, {"decode_seconds": seconds, "generated_tokens": int(out.shape[-1])}
 
 
 @torch.no_grad()
@@ -104,23 +140,26 @@ def transcribe(model: nn.Module, processor, utts: list[Utterance], settings: Dec
     Under ``torchrun`` each rank decodes whole batches (batch k on rank k mod world size, so every batch has the
     same members as in a single process) and every rank returns the gathered, ordered transcripts.
     """
+    settings.check_model(model)
     param = next(model.parameters())
-    fingerprint = encoder_fingerprint(model) if encoder_outputs is not None else ""
-    batches = [utts[i: i + settings.batch_size] for i in range(0, len(utts), settings.batch_size)]
+    fp = encoder_fingerprint(model) if encoder_outputs is not None else ""
+    short = [i for i, u in enumerate(utts) if fits_window(u)]
+    long = [i for i, u in enumerate(utts) if not fits_window(u)]
+    batches = [short[i: i + settings.batch_size] for i in range(0, len(short), settings.batch_size)]
     local = getattr(utts, "sharded", False)  # a streamed shard: this rank's data already, decode all of it
     mine = list(range(len(batches))) if local else distributed.my_share(len(batches))
-    done: dict[int, list[str]] = {}
-    stats = {"encoder_seconds": 0.0, "decode_seconds": 0.0, "generated_tokens": 0}
-    kv: dict[str, float] | None = None
+    mine_long = long if local else [long[i] for i in distributed.my_share(len(long))]
+    done: dict[int, str] = {}
+    stats = {"encoder_seconds": 0.0, "decode_seconds": 0.0, "generated_tokens": 0, "long_form_utterances": 0}
+    kv, kv_utts = kvcache.KvBytes(), 0
     prompt = len(whisper.prompt_ids(model))
-    eos = model.generation_config.eos_token_id
-    eos = set(eos if isinstance(eos, list) else [eos])
-    bar = tqdm(total=sum(len(batches[k]) for k in mine), desc=desc, disable=quiet, unit="utt")
+    eos = _eos(model)
+    bar = tqdm(total=sum(len(batches[k]) for k in mine) + len(mine_long), desc=desc, disable=quiet, unit="utt")
     for k in mine:
-        batch = batches[k]
+        batch = [utts[i] for i in batches[k]]
         feats = whisper.input_features(processor, [u.audio for u in batch], param.device, param.dtype)
         if encoder_outputs is not None:
-            hidden, seconds = encoder_outputs.get(model, fingerprint, tuple(u.id for u in batch), feats)
+            hidden, seconds = encoder_outputs.get(model, fp, tuple(u.id for u in batch), feats)
         else:
             t0 = time.perf_counter()
             hidden = model.get_encoder()(feats).last_hidden_state
@@ -133,27 +172,41 @@ def transcribe(model: nn.Module, processor, utts: list[Utterance], settings: Dec
         )
         stats["decode_seconds"] += time.perf_counter() - t1
         stats["encoder_seconds"] += seconds
-        for row in out.sequences[:, prompt:].tolist():
-            stats["generated_tokens"] += next((j + 1 for j, t in enumerate(row) if t in eos), len(row))
-        if kv is None:
-            kv = measure_cache(getattr(out, "past_key_values", None))
-        done[k] = [t.strip() for t in processor.tokenizer.batch_decode(out.sequences, skip_special_tokens=True)]
+        stats["generated_tokens"] += _count_tokens(out.sequences[:, prompt:], eos)
+        held = kvcache.measure(getattr(out, "past_key_values", None))
+        kv, kv_utts = kv + kvcache.KvBytes(*(x * len(batch) for x in held.astuple())), kv_utts + len(batch)
+        texts = processor.tokenizer.batch_decode(out.sequences, skip_special_tokens=True)
+        done.update({i: t.strip() for i, t in zip(batches[k], texts)})
         bar.update(len(batch))
+    for i in mine_long:
+        done[i], extra = _long_form(model, processor, utts[i], settings)
+        stats["decode_seconds"] += extra["decode_seconds"]
+        stats["generated_tokens"] += extra["generated_tokens"]
+        stats["long_form_utterances"] += 1
+        bar.update(1)
     bar.close()
 
-    parts = distributed.gather((done, stats, kv)) if not local else [(done, stats, kv)]
-    hyps = [h for k in range(len(batches)) for part in parts if k in part[0] for h in part[0][k]]
+    parts = distributed.gather((done, stats, kv, kv_utts)) if not local else [(done, stats, kv, kv_utts)]
+    merged = {i: h for part in parts for i, h in part[0].items()}
+    hyps = [merged[i] for i in range(len(utts))]
     total = {key: sum(p[1][key] for p in parts) for key in stats}
     if len(parts) > 1:  # ranks ran in parallel: wall time is the slowest rank's
         total["encoder_seconds"] = max(p[1]["encoder_seconds"] for p in parts)
         total["decode_seconds"] = max(p[1]["decode_seconds"] for p in parts)
         total["world_size"] = len(parts)
-    total["audio_seconds"] = sum(len(u.audio) for u in utts) / SAMPLING_RATE
-    total.update(next((p[2] for p in parts if p[2] is not None), None) or measure_cache(None))
-    total["decode_tokens_per_second"] = total["generated_tokens"] / max(total["decode_seconds"], 1e-9)
-    total["real_time_factor"] = (total["encoder_seconds"] + total["decode_seconds"]) / max(
-        total["audio_seconds"], 1e-9)
+    total["audio_seconds"] = sum(u.duration for u in utts)
+    kv_all = sum((p[2] for p in parts), kvcache.KvBytes())
+    n = max(sum(p[3] for p in parts), 1)
+    total.update(kv_self_bytes_per_token=kv_all.self_per_token / n,
+                 kv_self_bytes_per_utterance=kv_all.self_per_utterance / n,
+                 kv_cross_bytes_per_utterance=kv_all.cross_per_utterance / n)
+    total.update(speed(total))
     return hyps, total
+
+
+def fits_window(u: Utterance) -> bool:
+    """Whether ``u`` fits Whisper's window (decoded in batches; longer ones go through long-form decoding)."""
+    return u.duration <= WINDOW_SECONDS
 
 
 def records_for(utts: list[Utterance], hyps: list[str]) -> list[dict[str, Any]]:
@@ -161,7 +214,7 @@ def records_for(utts: list[Utterance], hyps: list[str]) -> list[dict[str, Any]]:
     out = []
     for u, h in zip(utts, hyps):
         out.append({"id": u.id, "voice": u.voice, "source": u.source, "reference": u.text, "hypothesis": h,
-                    **scoring.score_utterance(u.text, h)})
+                    "seconds": round(u.duration, 3), **scoring.score_utterance(u.text, h)})
     return out
 
 
@@ -174,18 +227,21 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
 def evaluate(model: nn.Module, processor, utts: list[Utterance], settings: DecodeSettings = DecodeSettings(),
              out_dir: str | Path | None = None, encoder_outputs: EncoderOutputs | None = None,
              quiet: bool = False, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Transcribe, score, and (with ``out_dir``) write ``predictions.jsonl`` and ``metrics.json`` atomically."""
+    """Transcribe, score, and (with ``out_dir``) write ``predictions.jsonl`` and ``metrics.json`` atomically.
+    An empty test set is an error: a WER over nothing is not a number."""
+    if not utts and not getattr(utts, "sharded", False):
+        raise DataError("the test set has no utterances: there is nothing to evaluate")
     hyps, stats = transcribe(model, processor, utts, settings, encoder_outputs, quiet)
     records = records_for(utts, hyps)
     if getattr(utts, "sharded", False):  # streamed shards: gather the records and timings of every rank
         parts = distributed.gather((records, stats))
         records = [r for part in parts for r in part[0]]
         stats = {**stats, "world_size": len(parts), **{k: sum(p[1][k] for p in parts) for k in (
-            "generated_tokens", "audio_seconds")}, **{k: max(p[1][k] for p in parts) for k in (
+            "generated_tokens", "audio_seconds", "long_form_utterances")}, **{k: max(p[1][k] for p in parts) for k in (
             "encoder_seconds", "decode_seconds")}}
-        stats["decode_tokens_per_second"] = stats["generated_tokens"] / max(stats["decode_seconds"], 1e-9)
-        stats["real_time_factor"] = (stats["encoder_seconds"] + stats["decode_seconds"]) / max(
-            stats["audio_seconds"], 1e-9)
+        stats.update(speed(stats))
+        if not records:
+            raise DataError("the test set has no utterances on any rank: there is nothing to evaluate")
     metrics = {
         **summarise(records),
         "decoding": asdict(settings),
@@ -196,6 +252,6 @@ def evaluate(model: nn.Module, processor, utts: list[Utterance], settings: Decod
     }
     if out_dir is not None and distributed.world().is_main:
         out_dir = Path(out_dir)
-        write_text_atomic(out_dir / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in records))
-        write_json_atomic(out_dir / "metrics.json", metrics)
+        write_text(out_dir / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+        write_json(out_dir / "metrics.json", metrics)
     return metrics

@@ -3,12 +3,11 @@ Pareto front. matplotlib (the optional ``plot`` extra) is imported lazily, Agg c
 
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
+import io
 from pathlib import Path
 from typing import Any
 
+from .atomic import write_bytes
 from .errors import ExperimentError
 from .report import RunLike, load_run
 
@@ -16,11 +15,15 @@ INSTALL_HINT = "pip install 'mla-registry[plot]' to draw tradeoff.png"
 
 
 def kv_bytes_per_utterance(metrics: dict[str, Any]) -> float | None:
-    """Cross-attention bytes per utterance + self-attention bytes per token × mean generated tokens per utterance."""
+    """Cross-attention bytes per utterance + what the self-attention cache held at the end of the utterance
+    (older metrics without that figure: bytes per token x mean generated tokens)."""
     cross, self_ = metrics.get("kv_cross_bytes_per_utterance"), metrics.get("kv_self_bytes_per_token")
-    tokens, utts = metrics.get("generated_tokens"), metrics.get("utterances")
     if cross is None or self_ is None:
         return None
+    held = metrics.get("kv_self_bytes_per_utterance")
+    if held is not None:
+        return float(cross) + float(held)
+    tokens, utts = metrics.get("generated_tokens"), metrics.get("utterances")
     mean_tokens = tokens / utts if tokens is not None and utts else 0.0
     return float(cross) + float(self_) * mean_tokens
 
@@ -38,13 +41,62 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return front
 
 
-def tradeoff_plot(run_dir: RunLike) -> Path | None:
-    """Draw ``run_dir/tradeoff.png`` (written atomically) and return its path; ``None`` when matplotlib is not
-    installed (print :data:`INSTALL_HINT` then)."""
+def _figure():
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
+        return None
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig, out: Path) -> Path:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    write_bytes(out, buf.getvalue())
+    return out
+
+
+def curves_plot(run_dir: RunLike) -> Path | None:
+    """Draw ``run_dir/curves.png``: training and validation loss against step for every fine-tuned variant (read
+    from each checkpoint's provenance). ``None`` when no variant was fine-tuned or matplotlib is missing."""
+    from . import checkpoint
+
+    run = load_run(run_dir)
+    curves = []
+    for v in run.variants:
+        ckpt = run.variant_dir(v) / "checkpoint"
+        if checkpoint.is_checkpoint(ckpt):
+            finetunes = checkpoint.provenance_of(checkpoint.read_manifest(ckpt) or {}).finetunes
+            if finetunes and finetunes[-1].get("curve"):
+                curves.append((v["name"], finetunes[-1]["curve"]))
+    fig = _figure() if curves else None
+    if fig is None:
+        return None
+    ax = fig.add_subplot()
+    colours = [f"C{i}" for i in range(10)]
+    for i, (name, curve) in enumerate(curves):
+        colour = colours[i % len(colours)]
+        ax.plot([c["step"] for c in curve], [c["valid_loss"] for c in curve], "-o", color=colour, markersize=3,
+                label=f"{name} valid")
+        train = [(c["step"], c["train_loss"]) for c in curve if c.get("train_loss") is not None]
+        if train:
+            ax.plot(*zip(*train), "--", color=colour, alpha=0.6, label=f"{name} train")
+    ax.set_xlabel("optimiser step")
+    ax.set_ylabel("loss (per token)")
+    ax.set_title(f"{run.results.get('experiment') or run.dir.name}: fine-tuning")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, run.dir / "curves.png")
+
+
+def tradeoff_plot(run_dir: RunLike) -> Path | None:
+    """Draw ``run_dir/tradeoff.png`` (written atomically) and return its path; ``None`` when matplotlib is not
+    installed (print :data:`INSTALL_HINT` then)."""
+    fig = _figure()
+    if fig is None:
         return None
     run = load_run(run_dir)
     base = run.results.get("baseline")
@@ -57,8 +109,6 @@ def tradeoff_plot(run_dir: RunLike) -> Path | None:
     if not pts:
         raise ExperimentError(f"{run.dir / 'results.json'}: no variant has KV-cache figures to plot")
 
-    fig = Figure(figsize=(7, 4.5), layout="constrained")
-    FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     front = pareto_front(pts)
     if len(front) > 1:
@@ -82,14 +132,4 @@ def tradeoff_plot(run_dir: RunLike) -> Path | None:
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
 
-    out = run.dir / "tradeoff.png"
-    fd, tmp = tempfile.mkstemp(prefix=".tradeoff.", suffix=".png.tmp", dir=run.dir)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=120)
-        os.replace(tmp, out)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return out
+    return _save(fig, run.dir / "tradeoff.png")

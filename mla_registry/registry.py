@@ -11,7 +11,6 @@ import importlib.metadata
 import warnings
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any
 
 import pluggy
 
@@ -51,7 +50,10 @@ class Registry:
         """Register ``plugin`` with pluggy and collect the builders its hook registers."""
         try:
             self.pm.register(plugin, name=name)
-        except ValueError as exc:  # already registered, or a hook that does not match a hookspec
+        except pluggy.PluginValidationError as exc:  # a hook implementation that does not match its hookspec
+            self._broken(name, f"its hook does not match the hook specification: {exc}")
+            return
+        except ValueError as exc:  # already registered
             self._broken(name, f"cannot register: {exc}")
             return
         impls = [i for i in self.pm.hook.register_attention.get_hookimpls() if i.plugin is plugin]
@@ -69,6 +71,15 @@ class Registry:
             self.pm.unregister(plugin)
             self._broken(name, f"register_attention failed: {type(exc).__name__}: {exc}")
             return
+        if not impls:
+            self.pm.unregister(plugin)
+            hooks = sorted(n for n in dir(plugin) if n.startswith("register") and callable(getattr(plugin, n)))
+            self._broken(name, "it implements no register_attention hook (a misspelled hook name, or a function "
+                               "without @hookimpl?)" + (f"; found {', '.join(hooks)}" if hooks else ""))
+            return
+        if not found:
+            self._broken(name, "its register_attention hook registered no builder (call register(builder))",
+                         keep=True)
         for builder in found:
             builder.package = f"{package} {version}".strip()
             if builder.name in self.builders:
@@ -79,8 +90,10 @@ class Registry:
                 )
             self.builders[builder.name] = builder
 
-    def _broken(self, name: str, message: str) -> None:
-        self.broken[name] = message
+    def _broken(self, name: str, message: str, keep: bool = False) -> None:
+        """Record and warn about a plugin that does not work (``keep``: a warning only, it stays registered)."""
+        if not keep:
+            self.broken[name] = message
         warnings.warn(f"mla-registry plugin '{name}' was skipped: {message}", PluginLoadWarning, stacklevel=3)
 
 
@@ -126,9 +139,3 @@ def reset() -> None:
 def get_builder(name: str, package_hint: str | None = None) -> AttentionBuilder:
     """Shortcut for ``get_registry().get(name)``."""
     return get_registry().get(name, package_hint)
-
-
-def register_plugin(plugin: Any, name: str | None = None, package: str = "", version: str = "") -> None:
-    """Register a plugin object in this process without an entry point (scripts, notebooks, tests)."""
-    name = name or getattr(plugin, "__name__", type(plugin).__name__)
-    get_registry().add_plugin(plugin, name, package or name, version)

@@ -14,8 +14,9 @@ from typing import Any
 from tabulate import tabulate
 
 from . import stats
-from .cache import write_text_atomic
+from .atomic import write_text
 from .errors import ExperimentError
+from .surgery import attention_label
 
 
 def pct(x: float | None) -> str:
@@ -48,6 +49,7 @@ _HEADERS = {  # key of a comparison row -> (header, ascii header)
     "attention": ("attention", "attention"),
     "params": ("params", "params"),
     "kv_self": ("KV self B/token", "KV self B/token"),
+    "kv_self_utt": ("KV self/utt", "KV self/utt"),
     "kv_self_rel": ("self vs base", "self vs base"),
     "kv_cross": ("KV cross/utt", "KV cross/utt"),
     "kv_cross_rel": ("cross vs base", "cross vs base"),
@@ -70,6 +72,7 @@ class Run:
     results: dict[str, Any]
     variants: list[dict[str, Any]]
     _predictions: dict[str, list[dict[str, Any]]] = field(default_factory=dict, repr=False)
+    _rows: dict[tuple[int, int], list[dict[str, str]]] = field(default_factory=dict, repr=False)
 
     @property
     def baseline(self) -> dict[str, Any] | None:
@@ -167,20 +170,6 @@ def _minus(s: str) -> str:
     return s.replace("-", "−")
 
 
-def attention_short(attention: dict[str, str] | None) -> str:
-    """``self=mla(rank=192) cross=mla(rank=192)``; the encoder only when it is not stock."""
-    if not attention:
-        return ""
-    parts = []
-    for kind, label in attention.items():
-        if kind.startswith("encoder."):
-            if label != "stock":
-                parts.append(f"enc.{kind.split('.', 1)[1]}={label}")
-        else:
-            parts.append(f"{kind.split('.', 1)[-1]}={label}")
-    return " ".join(parts)
-
-
 def _num(m: dict[str, Any], key: str) -> float | None:
     x = m.get(key)
     return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else None
@@ -195,6 +184,8 @@ def comparison_rows(run_dir: RunLike, n_resamples: int = 1000, seed: int = 0) ->
     relative to the baseline), WER/CER, S/D/I, ΔWER in percentage points with its paired-bootstrap 95 % CI,
     P(improve), validation loss and speed. ΔWER columns are blank when the baseline is not among the variants."""
     run = load_run(run_dir)
+    if (n_resamples, seed) in run._rows:  # the bootstrap is computed once per run, whatever prints it
+        return run._rows[(n_resamples, seed)]
     base = run.baseline
     bm = base["metrics"] if base else {}
     rows = []
@@ -217,9 +208,10 @@ def comparison_rows(run_dir: RunLike, n_resamples: int = 1000, seed: int = 0) ->
                 p_imp = f"{b['p_improve']:.3f}"
         rows.append({
             "variant": v["name"],
-            "attention": attention_short(v.get("attention") or m.get("attention")),
+            "attention": attention_label(v.get("attention") or m.get("attention")),
             "params": "" if params is None else f"{params / 1e6:.2f} M",
             "kv_self": _fmt(kv_self, ".0f"),
+            "kv_self_utt": human_bytes(_num(m, "kv_self_bytes_per_utterance")),
             "kv_self_rel": _ratio(kv_self, _num(bm, "kv_self_bytes_per_token")),
             "kv_cross": human_bytes(kv_cross),
             "kv_cross_rel": _ratio(kv_cross, _num(bm, "kv_cross_bytes_per_utterance")),
@@ -232,6 +224,7 @@ def comparison_rows(run_dir: RunLike, n_resamples: int = 1000, seed: int = 0) ->
             "tokens_per_s": _fmt(_num(m, "decode_tokens_per_second"), ".1f"),
             "rtf": _fmt(_num(m, "real_time_factor"), ".3f"),
         })
+    run._rows[(n_resamples, seed)] = rows
     return rows
 
 
@@ -311,9 +304,10 @@ def footer_lines(run_dir: RunLike, n_resamples: int = 1000, seed: int = 0) -> li
     return lines
 
 
-def write_reports(run_dir: RunLike, n_resamples: int = 1000, seed: int = 0) -> None:
+def write_reports(run_dir: RunLike, n_resamples: int = 1000, seed: int = 0) -> Run:
     """Write ``report.md`` (title, tables in GitHub markdown, footer) and ``report.csv`` (the comparison table) into
-    the run directory, atomically."""
+    the run directory, atomically. Returns the run, whose comparison rows are now computed (print it with
+    :func:`full_report` without a second bootstrap)."""
     run = load_run(run_dir)
     rows = comparison_rows(run, n_resamples, seed)
     title = run.results.get("experiment") or run.dir.name
@@ -326,8 +320,9 @@ def write_reports(run_dir: RunLike, n_resamples: int = 1000, seed: int = 0) -> N
     parts += [f"- {line}" for line in footer_lines(run, n_resamples, seed)] + [""]
     if (run.dir / "tradeoff.png").exists():
         parts += ["![WER against KV cache](tradeoff.png)", ""]
-    write_text_atomic(run.dir / "report.md", "\n".join(parts))
-    write_text_atomic(run.dir / "report.csv", _comparison_from_rows(rows, "csv"))
+    write_text(run.dir / "report.md", "\n".join(parts))
+    write_text(run.dir / "report.csv", _comparison_from_rows(rows, "csv"))
+    return run
 
 
 def full_report(run_dir: RunLike, fmt: str = "simple", n_resamples: int = 1000, seed: int = 0) -> str:

@@ -1,9 +1,10 @@
 """Run an experiment: for each variant convert (and fine-tune), save a checkpoint, reload it from disk, and
 evaluate it on the same test data with the same settings; then write the comparison.
 
-Resume: a variant whose ``metrics.json`` carries the variant's current fingerprint is done and is not
-recomputed; a checkpoint whose manifest carries it is reused. Every file is written atomically, so an interrupted
-run leaves only finished files behind. ``force=True`` recomputes everything.
+Resume: a variant is done when its ``metrics.json`` carries both of its current fingerprints (build: what makes
+the checkpoint; evaluation: data, decoding, dtype); a checkpoint whose manifest carries the build fingerprint is
+reused, so changing ``max_new_tokens`` re-evaluates every variant without re-converting any. Every file is
+written atomically, so an interrupted run leaves only finished files behind. ``force=True`` recomputes all.
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from . import checkpoint, data, distributed, models
-from .cache import write_json_atomic
+from . import checkpoint, data, distributed, lineage, model_refs
+from .atomic import write_json
 from .convert import convert_model
 from .errors import ExperimentError
 from .evaluate import EncoderOutputs, evaluate
 from .experiments import Experiment, Variant
+from .finetune import FinetuneCaches
 
 RESULTS = "results.json"
 
@@ -31,7 +33,7 @@ def _log(msg: str, quiet: bool) -> None:
         tqdm.write(msg)
 
 
-def _done(vdir: Path, fingerprint: str) -> dict[str, Any] | None:
+def _done(vdir: Path, build: str, evaluation: str) -> dict[str, Any] | None:
     path = vdir / "metrics.json"
     if not path.exists():
         return None
@@ -39,43 +41,73 @@ def _done(vdir: Path, fingerprint: str) -> dict[str, Any] | None:
         metrics = json.loads(path.read_text())
     except json.JSONDecodeError:
         return None
-    return metrics if metrics.get("variant_fingerprint") == fingerprint else None
+    same = metrics.get("build_fingerprint") == build and metrics.get("eval_fingerprint") == evaluation
+    return metrics if same else None
 
 
-def _checkpoint(exp: Experiment, v: Variant, vdir: Path, fingerprint: str, force: bool, quiet: bool) -> str:
-    """The model reference to evaluate: an existing model, the base model, or this variant's saved checkpoint."""
-    if v.model:
-        return v.model
-    if not v.attention and not v.finetune:
-        return exp.base_model
-    ckpt = vdir / "checkpoint"
-    manifest = checkpoint.read_manifest(ckpt) if (ckpt / checkpoint.MANIFEST).exists() else None
-    reuse = not force and bool(manifest) and manifest.get("provenance", {}).get("variant_fingerprint") == fingerprint
-    if distributed.broadcast(reuse):  # every rank follows rank 0's view of the disk
-        _log(f"[{v.name}] reusing {ckpt}", quiet)
+def _built(ckpt: Path) -> str | None:
+    """The build fingerprint recorded in the checkpoint the runner wrote at ``ckpt`` (None: none there)."""
+    if not checkpoint.is_checkpoint(ckpt):
+        return None
+    manifest = checkpoint.read_manifest(ckpt) or {}
+    return ((manifest.get("provenance") or {}).get("experiment") or {}).get("build_fingerprint")
+
+
+class _Variants:
+    """Builds each variant's checkpoint (the state shared between variants: fine-tuning caches)."""
+
+    def __init__(self, exp: Experiment, force: bool, quiet: bool):
+        self.exp, self.force, self.quiet = exp, force, quiet
+        self.finetune_caches = FinetuneCaches()
+
+    def checkpoint(self, v: Variant, vdir: Path, build: str) -> str:
+        """The model reference to evaluate: an existing model, the base model, or this variant's checkpoint."""
+        exp = self.exp
+        if v.model:
+            return v.model
+        if not v.converted:
+            return exp.base_model
+        ckpt = vdir / "checkpoint"
+        reuse = not self.force and _built(ckpt) == build
+        if distributed.broadcast(reuse):  # every rank follows rank 0's view of the disk
+            _log(f"[{v.name}] reusing {ckpt}", self.quiet)
+            return str(ckpt)
+        if not distributed.world().is_main and not v.finetune:
+            distributed.barrier()  # rank 0 converts and saves; the others then load what it wrote
+            return str(ckpt)
+        # (with fine-tuning every rank converts the same way and trains its share of each batch; rank 0 saves)
+        specs = ", ".join(s.short() for s in v.attention) or "no change"
+        _log(f"[{v.name}] converting {exp.base_model}: {specs}", self.quiet)
+        # checkpoints are built in float32 whatever the evaluation dtype: the build does not depend on it
+        model, processor = model_refs.load(exp.base_model, device=exp.device)
+        convert_model(model, processor, v.attention, exp.data.calibration_settings, source_model=exp.base_model,
+                      quiet=self.quiet)
+        if v.finetune:
+            from .finetune import finetune
+
+            lineage.record_finetune(model, finetune(model, processor, v.finetune, work_dir=vdir / "finetune",
+                                                    teacher_ref=exp.base_model, quiet=self.quiet,
+                                                    caches=self.finetune_caches))
+        lineage.of(model).provenance.experiment = {"file": str(exp.path), "variant": v.name,
+                                                   "build_fingerprint": build}
+        if distributed.world().is_main:
+            checkpoint.save(model, ckpt, processor, overwrite=True)  # the run directory is the runner's own
+        del model
+        gc.collect()
+        distributed.barrier()
         return str(ckpt)
-    if not distributed.world().is_main and not v.finetune:
-        distributed.barrier()  # rank 0 converts and saves; the others then load what it wrote
-        return str(ckpt)
-    # (with fine-tuning every rank converts the same way and trains its share of each batch; rank 0 saves)
-    _log(f"[{v.name}] converting {exp.base_model}: {', '.join(s.short() for s in v.attention) or 'no change'}",
-         quiet)
-    model, processor = models.load(exp.base_model, device=exp.device, dtype=models.parse_dtype(exp.dtype))
-    prov: dict[str, Any] = {"source_model": exp.base_model, "variant": v.name, "variant_fingerprint": fingerprint,
-                            "experiment": str(exp.path)}
-    prov.update(convert_model(model, processor, v.attention, quiet=quiet))
-    if v.finetune:
-        from .finetune import FinetuneConfig, finetune
 
-        cfg = FinetuneConfig.from_mapping(v.finetune, defaults=exp.data)
-        prov["finetune"] = finetune(model, processor, cfg, work_dir=vdir / "finetune", teacher_ref=exp.base_model,
-                                    quiet=quiet)
-    if distributed.world().is_main:
-        checkpoint.save(model, ckpt, processor, provenance=prov)
-    del model
-    gc.collect()
-    distributed.barrier()
-    return str(ckpt)
+
+def load_test_data(exp: Experiment, quiet: bool) -> tuple[list, dict[str, Any]]:
+    """The test utterances (every set, in order) and their description for the results."""
+    utts = []
+    for ref in exp.test_refs:
+        utts += data.load(ref, limit=exp.data.limit, quiet=quiet)
+    if not utts:
+        raise ExperimentError(f"{exp.path}: data.test gave no utterances")
+    desc = {"ref": " + ".join(exp.test_refs), "sets": [data.describe(r) for r in exp.test_refs],
+            "utterances": len(utts), "fingerprint": data.fingerprint_of(utts)}
+    return utts, desc
 
 
 def run(exp: Experiment, force: bool = False, quiet: bool = False) -> dict[str, Any]:
@@ -87,30 +119,27 @@ def run(exp: Experiment, force: bool = False, quiet: bool = False) -> dict[str, 
     world = distributed.world()
     _check_world(run_dir, world.size, force)
     t_start = time.perf_counter()
-    utts = []
-    for ref in exp.test_refs:
-        utts += data.load(ref, limit=exp.data.get("limit"), quiet=quiet)
-    if not utts:
-        raise ExperimentError(f"{exp.path}: data.test gave no utterances")
-    data_desc = {"ref": " + ".join(exp.test_refs), "sets": [data.describe(r) for r in exp.test_refs],
-                 "utterances": len(utts), "fingerprint": data.fingerprint_of(utts)}
-    base_processor = models.load_processor(exp.base_model)
+    utts, data_desc = load_test_data(exp, quiet)
+    base_processor = model_refs.load_processor(exp.base_model)
     shared = EncoderOutputs()
+    builder = _Variants(exp, force, quiet)
+    dtype = model_refs.parse_dtype(exp.dtype)
     entries = []
     for v in exp.variants:
         vdir = run_dir / v.name
-        fingerprint = v.fingerprint(exp)
-        metrics = distributed.broadcast(None if force else _done(vdir, fingerprint))
+        build, evaluation = v.build_fingerprint(exp), v.eval_fingerprint(exp)
+        metrics = distributed.broadcast(None if force else _done(vdir, build, evaluation))
         if metrics is not None:
             _log(f"[{v.name}] done earlier: WER {100 * metrics['wer']:.2f} % (not recomputed)", quiet)
         else:
-            ref = _checkpoint(exp, v, vdir, fingerprint, force, quiet)
-            model = models.load_model(ref, device=exp.device, dtype=models.parse_dtype(exp.dtype))  # from disk
-            processor = models.load_processor(ref) if v.model else base_processor
+            ref = builder.checkpoint(v, vdir, build)
+            model = model_refs.load_model(ref, device=exp.device, dtype=dtype)  # always from disk
+            processor = model_refs.load_processor(ref) if v.model else base_processor
             _log(f"[{v.name}] evaluating {ref} on {len(utts)} utterances", quiet)
             metrics = evaluate(model, processor, utts, exp.decoding, out_dir=vdir, encoder_outputs=shared,
-                               quiet=quiet, extra={"variant": v.name, "variant_fingerprint": fingerprint,
-                                                   "model": ref, "data": data_desc})
+                               quiet=quiet, extra={"variant": v.name, "build_fingerprint": build,
+                                                   "eval_fingerprint": evaluation, "model": ref, "data": data_desc,
+                                                   "dtype": exp.dtype or "float32", "device": exp.device})
             _log(f"[{v.name}] WER {100 * metrics['wer']:.2f} %", quiet)
             del model
             gc.collect()
@@ -122,16 +151,18 @@ def run(exp: Experiment, force: bool = False, quiet: bool = False) -> dict[str, 
     results["wall_seconds_this_invocation"] = time.perf_counter() - t_start
     results["encoder_reuse"] = {"computed_batches": shared.misses, "reused_batches": shared.hits}
     png = plot.tradeoff_plot(run_dir)
-    report.write_reports(run_dir)
+    plot.curves_plot(run_dir)
+    results["report"] = report.write_reports(run_dir)
     results["tradeoff_png"] = str(png) if png else None
     return results
 
 
 def _entry(v: Variant, vdir: Path, metrics: dict[str, Any]) -> dict[str, Any]:
     valid_loss = None
-    manifest = checkpoint.read_manifest(vdir / "checkpoint") if (vdir / "checkpoint").exists() else None
-    if manifest:
-        valid_loss = (manifest.get("provenance", {}).get("finetune") or {}).get("best_valid_loss")
+    ckpt = vdir / "checkpoint"
+    if checkpoint.is_checkpoint(ckpt):
+        finetunes = (checkpoint.provenance_of(checkpoint.read_manifest(ckpt) or {})).finetunes
+        valid_loss = finetunes[-1].get("best_valid_loss") if finetunes else None
     return {"name": v.name, "description": v.description, "source": metrics.get("model"),
             "attention": metrics.get("attention", {}), "finetuned": bool(v.finetune), "valid_loss": valid_loss,
             "dir": v.name, "metrics": metrics}
@@ -154,11 +185,12 @@ def _check_world(run_dir: Path, size: int, force: bool) -> None:
 
 
 def _write_results(exp: Experiment, entries: list[dict], data_desc: dict) -> dict[str, Any]:
+    from dataclasses import asdict
+
     results = {"experiment": exp.name, "config_file": str(exp.path), "base_model": exp.base_model,
-               "world_size": distributed.world().size,
-               "baseline": exp.baseline, "data": {"test": data_desc, **{k: v for k, v in exp.data.items()
-                                                                       if k != "test"}},
-               "decoding": exp.decoding.__dict__, "variants": entries}
+               "world_size": distributed.world().size, "baseline": exp.baseline,
+               "data": {**{k: v for k, v in asdict(exp.data).items() if k != "test"}, "test": data_desc},
+               "decoding": asdict(exp.decoding), "variants": entries}
     if distributed.world().is_main:
-        write_json_atomic(exp.run_dir / RESULTS, results)
+        write_json(exp.run_dir / RESULTS, results)
     return results

@@ -28,20 +28,20 @@ CALIBRATION = "builtin:real?source=librispeech_dev_clean"
 CASES = {  # name -> attention spec over decoder self + cross
     "mha": "decoder.*=mha",
     "gqa": "decoder.*=gqa:kv_heads=2",
-    "mla-activation": f"decoder.*=mla:rank=192,calibration={CALIBRATION},calibration_size=4",
+    "mla-activation": "decoder.*=mla:rank=192",
     "mla-svd": "decoder.*=mla:rank=96,init=svd",
 }
 MAX_NEW_TOKENS = 48
 
 _FRESH = r"""
 import json, sys, torch
-from mla_registry import data, models
-from mla_registry.families import whisper
+from mla_registry import data, model_refs
+from mla_registry import whisper
 clips, limit, new = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 utts = data.load(clips, limit=limit, quiet=True)
 out = {}
 for path in sys.argv[4:]:
-    model, processor = models.load(path)
+    model, processor = model_refs.load(path)
     feats = whisper.input_features(processor, [u.audio for u in utts])
     with torch.no_grad():
         out[path] = model.generate(feats, max_new_tokens=new).tolist()
@@ -65,9 +65,9 @@ class CaseResult:
 
 def run(clips: int = 2, quiet: bool = True) -> tuple[list[CaseResult], dict]:
     """Run every case; returns the results and a description of the environment."""
-    from . import checkpoint, data, models
+    from . import checkpoint, data, model_refs, whisper
+    from .calibration import CalibrationSettings
     from .convert import convert_model
-    from .families import whisper
 
     t0 = time.perf_counter()
     utts = data.load(CLIPS, limit=clips, quiet=quiet)
@@ -76,8 +76,8 @@ def run(clips: int = 2, quiet: bool = True) -> tuple[list[CaseResult], dict]:
     with tempfile.TemporaryDirectory(prefix="mla-registry-selftest-") as tmp:
         paths = {}
         for name, spec in CASES.items():
-            model, processor = models.load("bundled:whisper-tiny.en")
-            convert_model(model, processor, [spec], quiet=quiet)
+            model, processor = model_refs.load("bundled:whisper-tiny.en")
+            convert_model(model, processor, [spec], CalibrationSettings(CALIBRATION, 4), quiet=quiet)
             feats = whisper.input_features(processor, [u.audio for u in utts])
             with torch.no_grad():
                 cached = model.generate(feats, max_new_tokens=MAX_NEW_TOKENS)

@@ -5,8 +5,10 @@ SELECTOR is one or more slot patterns joined by ``+``; a pattern is a slot kind 
 ``decoder.cross``, ``decoder.*``, ``*``), optionally narrowed to layers: ``decoder.self.0``,
 ``decoder.cross[0,2-3]``. Later specs override earlier ones on the slots they share.
 
-The model remembers what was converted in ``model.mla_registry_slots`` (one record per converted slot), which
-:mod:`mla_registry.checkpoint` writes to the manifest.
+What was converted is recorded in the model's :mod:`lineage <mla_registry.lineage>` (one :class:`SlotRecord`
+per converted slot), which :mod:`mla_registry.checkpoint` writes to the manifest. This module owns the
+validation of kwargs (once per spec, then against each slot), and the device, dtype and train mode of every
+module it swaps in: plugins only make modules.
 """
 
 from __future__ import annotations
@@ -19,12 +21,12 @@ from typing import Any
 
 from torch import nn
 
-from .builder import AttentionBuilder, ConversionContext, Slot
+from . import lineage, whisper
+from .builder import AttentionBuilder, ConversionContext, Slot, checked_kwargs
 from .errors import KwargError, SlotError
-from .families import whisper
+from .lineage import SlotRecord
 from .registry import get_builder
 
-SLOTS_ATTR = "mla_registry_slots"
 _LAYERS = re.compile(r"^(?P<kind>[\w.*?]+?)(?:\.(?P<one>\d+)|\[(?P<list>[\d,\s-]+)\])?$")
 
 
@@ -101,18 +103,20 @@ class PlannedSlot:
     slot: Slot
     builder: AttentionBuilder
     kwargs: dict[str, Any]  # validated, defaults filled
+    spec: AttentionSpec | None = None
 
 
 def plan(model: nn.Module, specs: Iterable[AttentionSpec]) -> list[PlannedSlot]:
-    """Resolve specs to (slot, builder, validated kwargs), checking everything before any weight is touched."""
+    """Resolve specs to (slot, builder, validated kwargs), checking everything before any weight is touched
+    (works on a model built on the meta device: the experiments file is checked this way)."""
     by_path: dict[str, PlannedSlot] = {}
     all_slots = whisper.slots(model)
     for spec in specs:
         builder = get_builder(spec.plugin)
-        kwargs = builder.validate(spec.kwargs, where=f"attention spec '{spec.short()}'")
-        for slot in select(all_slots, spec.selector):
-            builder.check_slot(slot, kwargs)
-            by_path[slot.path] = PlannedSlot(slot, builder, kwargs)
+        chosen = select(all_slots, spec.selector)
+        kwargs = checked_kwargs(builder, spec.kwargs, chosen, where=f"attention spec '{spec.short()}'")
+        for slot in chosen:
+            by_path[slot.path] = PlannedSlot(slot, builder, kwargs, spec)
     return [by_path[s.path] for s in all_slots if s.path in by_path]
 
 
@@ -122,73 +126,129 @@ def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
-def record(p: PlannedSlot) -> dict[str, Any]:
+def record(p: PlannedSlot) -> SlotRecord:
     """The manifest record of one converted slot: enough to rebuild it with no user code."""
-    return {
-        "slot": p.slot.name,
-        "path": p.slot.path,
-        "plugin": p.builder.name,
-        "plugin_version": p.builder.version,
-        "package": p.builder.package,
-        "kwargs": p.builder.build_kwargs(p.kwargs),
-        "convert_kwargs": {k: v for k, v in p.kwargs.items() if k not in p.builder.build_kwargs(p.kwargs)},
-    }
+    build = p.builder.build_kwargs(p.kwargs)
+    return SlotRecord(slot=p.slot.name, path=p.slot.path, plugin=p.builder.name, plugin_version=p.builder.version,
+                      package=p.builder.package, kwargs=build,
+                      convert_kwargs={k: v for k, v in p.kwargs.items() if k not in build})
 
 
-def convert(model: nn.Module, specs: Iterable[AttentionSpec], context: ConversionContext) -> list[dict]:
-    """Convert the selected slots of ``model`` in place and return their manifest records.
+def _per_slot(planned: list[PlannedSlot], context: ConversionContext | None) -> list[PlannedSlot]:
+    """Let each spec's builder decide its slots' kwargs jointly (:meth:`AttentionBuilder.plan`), then check
+    what it decided, slot by slot."""
+    out: list[PlannedSlot] = []
+    groups: dict[int, list[PlannedSlot]] = {}
+    for p in planned:
+        groups.setdefault(id(p.spec), []).append(p)
+    decided: dict[str, dict[str, Any]] = {}
+    for group in groups.values():
+        first = group[0]
+        decided.update(first.builder.plan([p.slot for p in group], first.kwargs, context))
+    for p in planned:
+        where = f"attention spec '{p.spec.short() if p.spec else p.builder.name}' at slot {p.slot.name}"
+        kwargs = checked_kwargs(p.builder, decided[p.slot.path], [p.slot], where=where)
+        out.append(PlannedSlot(p.slot, p.builder, kwargs, p.spec))
+    return out
 
-    Every new module is made from the *original* model (calibration sees unconverted activations) before any
-    is swapped in.
+
+def replace_slots(model: nn.Module, specs: Iterable[AttentionSpec], context: ConversionContext | None
+                  ) -> list[SlotRecord]:
+    """Convert the selected slots of ``model`` in place and return their records (also in the model's lineage).
+
+    Every new module is made from the *original* model (calibration sees unconverted activations) before any is
+    swapped in; each goes onto the original module's device and dtype, in its train mode.
     """
-    planned = plan(model, specs)
+    planned = _per_slot(plan(model, specs), context)
     new_modules = []
     for p in planned:
         original = model.get_submodule(p.slot.path)
         module = p.builder.convert(original, p.slot, context, **p.kwargs)
         ref = next(original.parameters())
-        new_modules.append(module.to(device=ref.device, dtype=ref.dtype))
-    records = _records(model)
+        new_modules.append(module.to(device=ref.device, dtype=ref.dtype).train(original.training))
+    lin = lineage.of(model)
+    records = lin.by_path()
     for p, module in zip(planned, new_modules):
         replace_module(model, p.slot.path, module)
         records[p.slot.path] = record(p)
-    setattr(model, SLOTS_ATTR, [records[s.path] for s in whisper.slots(model) if s.path in records])
-    return getattr(model, SLOTS_ATTR)
+    lin.slots = [records[s.path] for s in whisper.slots(model) if s.path in records]
+    return lin.slots
 
 
-def _records(model: nn.Module) -> dict[str, dict]:
-    return {r["path"]: r for r in getattr(model, SLOTS_ATTR, [])}
-
-
-def rebuild(model: nn.Module, records: list[dict], where: str) -> None:
-    """Swap in empty modules rebuilt from manifest ``records`` (the loader's half of :func:`convert`)."""
+def rebuild(model: nn.Module, records: list[SlotRecord], where: str) -> None:
+    """Swap in empty modules rebuilt from manifest ``records`` (the loader's half of :func:`replace_slots`):
+    each record's kwargs are validated and checked against its slot, as at conversion."""
     slots = {s.path: s for s in whisper.slots(model)}
     for i, rec in enumerate(records):
-        at = f"{where}: slots[{i}]"
-        try:
-            slot = slots[rec["path"]]
-            builder = get_builder(rec["plugin"], package_hint=(rec.get("package") or "").split(" ")[0] or None)
-        except KeyError as exc:
-            raise SlotError(f"{at}: the model has no attention slot at {exc}") from None
-        kwargs = builder.validate(rec.get("kwargs", {}), where=at)
-        replace_module(model, slot.path, builder.build(slot, **builder.build_kwargs(kwargs)))
-    setattr(model, SLOTS_ATTR, list(records))
+        at = f"{where}: slots[{i}] ({rec.slot})"
+        slot = slots.get(rec.path)
+        if slot is None:
+            raise SlotError(f"{at}: the model has no attention slot at path {rec.path!r}")
+        builder = get_builder(rec.plugin, package_hint=rec.package.split(" ")[0] or None)
+        kwargs = checked_kwargs(builder, rec.kwargs, [slot], where=at)
+        module = builder.build(slot, **builder.build_kwargs(kwargs))
+        ref = next(model.get_submodule(slot.path).parameters())
+        replace_module(model, slot.path, module.to(dtype=ref.dtype))
+    lineage.of(model).slots = list(records)
 
+
+# --- labels ---------------------------------------------------------------------------------------------------
 
 def describe(model: nn.Module) -> dict[str, str]:
-    """Short per-kind form of a model's attention, e.g. ``{'decoder.self': 'mla(rank=192)', ...}``."""
-    recs = _records(model)
-    out: dict[str, set[str]] = {}
+    """Per slot kind, a short label of its attention: ``{'decoder.self': 'mla(rank=192)', 'encoder.self':
+    'stock', ...}``; slots of one kind that differ in a numeric kwarg read ``mla(rank=64..160)``."""
+    recs = lineage.of(model).by_path()
+    per_kind: dict[str, list[SlotRecord | None]] = {}
     for s in whisper.slots(model):
-        out.setdefault(s.kind, set()).add(short_form(recs[s.path]) if s.path in recs else "stock")
-    return {k: "/".join(sorted(v)) for k, v in out.items()}
+        per_kind.setdefault(s.kind, []).append(recs.get(s.path))
+    return {kind: _kind_label(rs) for kind, rs in per_kind.items()}
 
 
-def short_form(rec: dict) -> str:
-    """``mla(rank=192)``: the plugin and the kwargs that differ from their defaults."""
+def _kind_label(records: list[SlotRecord | None]) -> str:
+    by_plugin: dict[str, list[SlotRecord]] = {}
+    labels = set()
+    for r in records:
+        if r is None:
+            labels.add("stock")
+        else:
+            by_plugin.setdefault(r.plugin, []).append(r)
+    for plugin, rs in by_plugin.items():
+        labels.add(short_form(plugin, [r.kwargs for r in rs]))
+    return "/".join(sorted(labels))
+
+
+def short_form(plugin: str, kwargs_per_slot: list[dict[str, Any]]) -> str:
+    """``mla(rank=192)``: the plugin and the kwargs that differ from their defaults; a kwarg whose value differs
+    between slots shows its range (``rank=64..160``) or its values."""
     try:
-        defaults = {k.name: k.default for k in get_builder(rec["plugin"]).kwargs if not k.required}
+        defaults = {k.name: k.default for k in get_builder(plugin).kwargs if not k.required}
     except Exception:  # noqa: BLE001 - a label must not fail; show every kwarg instead
         defaults = {}
-    args = ",".join(f"{k}={v}" for k, v in rec.get("kwargs", {}).items() if defaults.get(k, object()) != v)
-    return rec["plugin"] + (f"({args})" if args else "")
+    keys = [k for k in dict.fromkeys(k for kw in kwargs_per_slot for k in kw)]
+    parts = []
+    for k in keys:
+        values = [kw.get(k) for kw in kwargs_per_slot]
+        distinct = list(dict.fromkeys(values))
+        if len(distinct) == 1:
+            if defaults.get(k, object()) != distinct[0]:
+                parts.append(f"{k}={distinct[0]}")
+        elif all(isinstance(v, int) and not isinstance(v, bool) for v in distinct):
+            parts.append(f"{k}={min(distinct)}..{max(distinct)}")
+        else:
+            parts.append(f"{k}={'|'.join(map(str, distinct))}")
+    return plugin + (f"({','.join(parts)})" if parts else "")
+
+
+def attention_label(attention: dict[str, str] | None) -> str:
+    """One line for a table: ``self=mla(rank=192) cross=mla(rank=192)``; the encoder only when it is not stock."""
+    if not attention:
+        return ""
+    parts = []
+    for kind, label in attention.items():
+        stack, _, role = kind.partition(".")
+        if stack == "encoder":
+            if label != "stock":
+                parts.append(f"enc.{role}={label}")
+        else:
+            parts.append(f"{role}={label}")
+    return " ".join(parts)

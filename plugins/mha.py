@@ -10,9 +10,9 @@ from typing import Any
 
 from torch import nn
 
-from mla_registry.attention import GroupedQueryAttention
-from mla_registry.builder import AttentionBuilder, ConversionContext, Slot
+from mla_registry.builder import AttentionBuilder, ConversionContext, Equivalence, Slot
 from mla_registry.hookspecs import hookimpl
+from mla_registry.plugins.gqa import GROUPS, GroupedQueryAttention
 
 
 class MultiHeadAttention(GroupedQueryAttention):
@@ -30,20 +30,20 @@ class MhaBuilder(AttentionBuilder):
     version = "1"
     description = "Multi-head attention: the original Whisper attention re-implemented on SDPA (baseline)"
     kwargs = ()
+    parameter_groups = GROUPS
+
+    def equivalences(self, slot: Slot) -> list[Equivalence]:
+        return [Equivalence("a copy of the original", {})]
 
     def build(self, slot: Slot, **kwargs: Any) -> MultiHeadAttention:
         """An uninitialised module for ``slot`` (the loader then loads its state dict)."""
-        self.validate(kwargs)
         return MultiHeadAttention(slot)
 
-    def convert(
-        self, original: nn.Module, slot: Slot, context: ConversionContext | None = None, **kwargs: Any
-    ) -> MultiHeadAttention:
-        """A module carrying ``original``'s weights (same names), on its device and dtype."""
-        ref = original.q_proj.weight
-        module = self.build(slot, **kwargs).to(device=ref.device, dtype=ref.dtype)
-        module.load_state_dict(original.state_dict(), strict=True)
-        module.train(original.training)
+    def convert(self, original: nn.Module, slot: Slot, context: ConversionContext | None = None,
+                **kwargs: Any) -> MultiHeadAttention:
+        """A module carrying ``original``'s weights (same names)."""
+        module = self.build(slot, **kwargs).to(dtype=original.q_proj.weight.dtype)
+        module.load_state_dict({k: v.detach().cpu() for k, v in original.state_dict().items()}, strict=True)
         return module
 
 

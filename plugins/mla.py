@@ -30,7 +30,7 @@ from torch import nn
 from transformers.cache_utils import Cache
 
 from mla_registry.attention import SlotAttention, attend, cached_states
-from mla_registry.builder import AttentionBuilder, ConversionContext, Kwarg, Slot
+from mla_registry.builder import AttentionBuilder, ConversionContext, Equivalence, Kwarg, Slot
 from mla_registry.errors import KwargError
 from mla_registry.hookspecs import hookimpl
 
@@ -150,15 +150,12 @@ class MlaBuilder(AttentionBuilder):
         Kwarg("rank", int, help="latent width cached per token (1..embed_dim; embed_dim reproduces MHA)",
               check=lambda v: None if v >= 1 else "must be >= 1"),
         Kwarg("init", str, default="activation", choices=INITS, build=False,
-              help="factorisation: 'activation' (PCA of real K/V activations on calibration audio) or 'svd'"),
+              help="factorisation: 'activation' (PCA of real K/V activations on the conversion's calibration "
+                   "audio) or 'svd' (of the weights alone)"),
         Kwarg("absorb", bool, default=True,
               help="decode in latent space (W_uk folded into queries, W_uv into the output) in eval mode"),
-        Kwarg("calibration", str, default="builtin:tts-train?size=64", build=False,
-              help="calibration audio for init='activation' (a dataset reference)"),
-        Kwarg("calibration_size", int, default=64, build=False,
-              help="number of calibration utterances for init='activation'",
-              check=lambda v: None if v >= 1 else "must be >= 1"),
     )
+    parameter_groups = {"query": ("q_proj.",), "kv": ("kv_down.", "k_up.", "v_up."), "output": ("out_proj.",)}
 
     def check_slot(self, slot: Slot, kwargs: Mapping[str, Any]) -> None:
         """``rank`` must lie in 1..embed_dim: ``[W_k; W_v]`` has rank <= embed_dim, so a wider latent would
@@ -168,41 +165,38 @@ class MlaBuilder(AttentionBuilder):
             raise KwargError(f"attention 'mla' at slot {slot.name}: kwarg 'rank'={rank}; allowed values: "
                              f"1..{slot.embed_dim} (embed_dim; {slot.embed_dim} reproduces the original)")
 
-    def build(self, slot: Slot, **kwargs: Any) -> MultiHeadLatentAttention:
-        """An uninitialised module for ``slot`` (the loader then loads its state dict). Convert-only kwargs
-        (``init``, ``calibration``, ``calibration_size``) are accepted and ignored."""
-        kwargs = self.validate(kwargs)
-        self.check_slot(slot, kwargs)
-        return MultiHeadLatentAttention(slot, kwargs["rank"], absorb=kwargs["absorb"])
+    def equivalences(self, slot: Slot) -> list[Equivalence]:
+        return [Equivalence("rank = embed_dim reproduces the original", {"rank": slot.embed_dim}),
+                Equivalence("absorbed decoding equals re-expanded K/V", {"absorb": True}, {"absorb": False},
+                            atol=2e-4)]
 
-    def convert(
-        self, original: nn.Module, slot: Slot, context: ConversionContext | None = None, **kwargs: Any
-    ) -> MultiHeadLatentAttention:
+    def build(self, slot: Slot, **kwargs: Any) -> MultiHeadLatentAttention:
+        """An uninitialised module for ``slot`` (the loader then loads its state dict)."""
+        return MultiHeadLatentAttention(slot, kwargs["rank"], absorb=kwargs.get("absorb", True))
+
+    def convert(self, original: nn.Module, slot: Slot, context: ConversionContext | None = None,
+                **kwargs: Any) -> MultiHeadLatentAttention:
         """Q and output projections copied; ``[W_k; W_v]`` factorised to ``rank``; V's bias kept on
         ``v_up``."""
-        kwargs = self.validate(kwargs)
-        module = self.build(slot, **kwargs)
-        ref = original.q_proj.weight
+        module = self.build(slot, **self.build_kwargs(kwargs))
         d = slot.embed_dim
         w = torch.cat([original.k_proj.weight, original.v_proj.weight]).detach()
         inputs = None
         if kwargs["init"] == "activation":
             if context is None:
                 raise KwargError(f"attention 'mla' at slot {slot.name}: kwarg 'init'='activation' needs "
-                                 "calibration inputs (a conversion context); use init='svd' without one")
-            inputs = context.calibration_inputs(slot, data=kwargs["calibration"],
-                                                size=kwargs["calibration_size"])
+                                 "calibration audio (a conversion context); use init='svd' without one")
+            inputs = context.calibration_inputs(slot)
         u = latent_basis(w, kwargs["rank"], inputs)
-        state = {k: v for k, v in original.state_dict().items() if k.startswith(("q_proj.", "out_proj."))}
+        state = {k: v.detach().cpu() for k, v in original.state_dict().items() if k.startswith(("q_proj.",
+                                                                                             "out_proj."))}
         state["kv_down.weight"] = u.T @ w.double().cpu()
         state["k_up.weight"] = u[:d]
         state["v_up.weight"] = u[d:]
         if original.v_proj.bias is not None:
-            state["v_up.bias"] = original.v_proj.bias.detach()
-        module = module.to(device=ref.device, dtype=ref.dtype)
-        state = {k: v.to(device=ref.device, dtype=ref.dtype) for k, v in state.items()}
-        module.load_state_dict(state, strict=True)
-        module.train(original.training)
+            state["v_up.bias"] = original.v_proj.bias.detach().cpu()
+        dtype = original.q_proj.weight.dtype
+        module.to(dtype=dtype).load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True)
         return module
 
 

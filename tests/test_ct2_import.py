@@ -175,7 +175,7 @@ def test_tokenizer_specials_and_normaliser(hf):
 
 
 def test_import_refuses_to_overwrite(hf_dir):
-    with pytest.raises(ModelRefError, match="already exists"):
+    with pytest.raises(ModelRefError, match="already holds a model"):
         import_ct2(SRC, hf_dir)
 
 
@@ -212,3 +212,13 @@ def test_greedy_tokens_match_ctranslate2_and_transcripts(hf, features, ct2_whisp
         else:  # tiny.en makes a few word errors on the longer clips; most words must still match
             ref_words, hyp_words = tok.normalize(reference).split(), hyp.split()
             assert len(set(ref_words) & set(hyp_words)) >= 0.6 * len(set(ref_words))
+
+
+def test_import_never_replaces_a_directory_that_is_not_a_model(tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    for overwrite in (False, True):
+        with pytest.raises(ModelRefError, match="not a model directory; nothing was written"):
+            import_ct2(SRC, mine, overwrite=overwrite)
+    assert (mine / "notes.txt").read_text() == "keep me"

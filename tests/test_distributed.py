@@ -110,15 +110,16 @@ def test_two_process_finetuning_writes_one_checkpoint_that_reloads(tmp_path, tin
     writes; the result matches a single-process run on the same batches."""
     import torch
 
-    from mla_registry import checkpoint, models
+    from mla_registry import checkpoint, lineage, model_refs
     from mla_registry.convert import convert_model
 
-    processor = models.load_processor("bundled:whisper-tiny.en")
+    processor = model_refs.load_processor("bundled:whisper-tiny.en")
     teacher, src = tmp_path / "teacher", tmp_path / "mla16"
     model = tiny_model()
     checkpoint.save(model, teacher, processor)
     convert_model(model, processor, ["decoder.*=mla:rank=16,init=svd"])
-    checkpoint.save(model, src, processor, provenance={"source_model": str(teacher)})
+    lineage.of(model).provenance.source_model = str(teacher)
+    checkpoint.save(model, src, processor)
     args = ["-m", "mla_registry.cli.main", "finetune", "--model", str(src), "--train", DATA, "--valid", DATA,
             "--objective", "ce+distill", "--steps", "3", "--batch-size", "4", "--eval-every", "1", "--lr", "1e-3",
             "--warmup-steps", "0", "--patience", "0", "--quiet"]
@@ -131,7 +132,7 @@ def test_two_process_finetuning_writes_one_checkpoint_that_reloads(tmp_path, tin
     assert not (tmp_path / "two.work" / "state" / "params.safetensors.tmp").exists()
 
     a, b = checkpoint.load(tmp_path / "one"), checkpoint.load(tmp_path / "two")
-    assert checkpoint.read_manifest(tmp_path / "two")["provenance"]["world_size"] == 2
+    assert checkpoint.read_manifest(tmp_path / "two")["provenance"]["finetunes"][-1]["world_size"] == 2
     pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
     changed = [n for n in pa if "kv_down" in n or "k_up" in n]
     assert changed and all(torch.allclose(pa[n], pb[n], atol=1e-5) for n in pa)

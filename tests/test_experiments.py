@@ -6,7 +6,7 @@ import textwrap
 
 import pytest
 
-from mla_registry import checkpoint, experiments, models, runner
+from mla_registry import checkpoint, experiments, model_refs, runner
 from mla_registry.errors import ExperimentError
 
 TEST_DATA = "builtin:real?source=librispeech_test_clean"
@@ -16,18 +16,19 @@ TEST_DATA = "builtin:real?source=librispeech_test_clean"
 def tiny_base(tmp_path_factory, tiny_model):
     """A tiny random-weight Whisper saved with the bundled model's processor (a real tokenizer)."""
     path = tmp_path_factory.mktemp("base") / "tiny"
-    checkpoint.save(tiny_model(), path, models.load_processor("bundled:whisper-tiny.en"))
+    checkpoint.save(tiny_model(), path, model_refs.load_processor("bundled:whisper-tiny.en"))
     return path
 
 
-def write_yaml(tmp_path, base, variants: str, extra: str = "") -> str:
+def write_yaml(tmp_path, base, variants: str, extra: str = "", decoding: str = "batch_size: 2, max_new_tokens: 6"
+               ) -> str:
     text = textwrap.dedent(f"""\
         name: tiny
         output_dir: {tmp_path / 'runs'}
         base_model: {base}
         data:
           test: "{TEST_DATA}"
-        decoding: {{batch_size: 2, max_new_tokens: 6}}
+        decoding: {{{decoding}}}
         """) + extra + "variants:\n" + textwrap.indent(textwrap.dedent(variants), "  ")
     (tmp_path / "exp.yaml").write_text(text)
     return str(tmp_path / "exp.yaml")
@@ -104,15 +105,15 @@ def test_errors_name_file_line_and_key(tmp_path, tiny_base):
   attention:
     decoder.self: nosuch:rank=3
 """
-    path = write_yaml(tmp_path, tiny_base, bad, extra="decoding: {beams: 2}\n")
+    path = write_yaml(tmp_path, tiny_base, bad, decoding="batch_size: 2, beams: 2")
     with pytest.raises(ExperimentError) as err:
         experiments.load(path)
     msg = str(err.value)
-    assert "exp.yaml:11: variants[0].attention.decoder.*:" in msg and "allowed values: activation, svd" in msg
-    assert "exp.yaml:12: variants[1].name: duplicate variant name 'a'" in msg
+    assert "exp.yaml:10: variants[0].attention.decoder.*:" in msg and "allowed values: activation, svd" in msg
+    assert "exp.yaml:11: variants[1].name: duplicate variant name 'a'" in msg
     assert "variants[2].atention: unknown key 'atention'" in msg
     assert "variants[3].attention.decoder.self:" in msg and "no attention plugin named 'nosuch'" in msg
-    assert "unknown key 'beams'" in msg  # the second 'decoding' mapping wins in YAML
+    assert "exp.yaml:6: decoding.beams: unknown key 'beams'" in msg
 
 
 def test_selector_and_data_errors(tmp_path, tiny_base):
@@ -126,8 +127,82 @@ def test_selector_and_data_errors(tmp_path, tiny_base):
         experiments.load(path)
 
 
-def test_default_experiment_file_is_valid():
+def test_the_shipped_experiment_files_are_valid():
+    """Every YAML this repository ships loads, with its datasets, against the bundled model's slots."""
     from pathlib import Path
 
-    exp = experiments.load(Path(__file__).parents[1] / "experiments.yaml", check_data=False)
-    assert exp.baseline in [v.name for v in exp.variants]
+    root = Path(__file__).parents[1]
+    for path in [root / "experiments.yaml", *sorted((root / "bench").glob("*.yaml"))]:
+        exp = experiments.load(path)
+        assert exp.variants and all(v.name for v in exp.variants), path
+
+
+def test_changing_decoding_re_evaluates_without_re_converting(tmp_path, tiny_base, monkeypatch):
+    variants = "- name: base\n- name: mla\n  attention: {decoder.*: 'mla:rank=8,init=svd'}\n"
+    path = write_yaml(tmp_path, tiny_base, variants)
+    runner.run(experiments.load(path), quiet=True)
+    conversions = []
+    real = runner.convert_model
+    monkeypatch.setattr(runner, "convert_model", lambda *a, **k: conversions.append(1) or real(*a, **k))
+    yaml_file = tmp_path / "exp.yaml"
+    yaml_file.write_text(yaml_file.read_text().replace("max_new_tokens: 6", "max_new_tokens: 4"))
+    results = runner.run(experiments.load(path), quiet=True)
+    assert conversions == []  # the checkpoint's build fingerprint still matches
+    assert all(v["metrics"]["decoding"]["max_new_tokens"] == 4 for v in results["variants"])
+    yaml_file.write_text(yaml_file.read_text().replace("rank=8", "rank=12"))
+    runner.run(experiments.load(path), quiet=True)
+    assert conversions == [1]
+
+
+BAD_SETTINGS = [  # (YAML fragment replacing the decoding/data lines, expected message)
+    ("data:\n  test: \"{data}\"\n  limit: -3\n", "data.limit: -3: must be at least 1"),
+    ("data:\n  test: \"{data}\"\n  limit: 0\n", "data.limit: 0: must be at least 1"),
+    ("data:\n  test: \"{data}\"\ndevice: quantum\n", "device: 'quantum': not a torch device"),
+    ("data:\n  test: \"{data}\"\ndtype: float8\n", "dtype: 'float8' is not allowed"),
+    ("data:\n  test: \"{data}\"\ndecoding: {{max_new_tokens: 100000}}\n",
+     "decoding.max_new_tokens: 100000: must be between 1 and 448"),
+    ("data:\n  test: \"{data}\"\ndecoding: {{max_new_tokens: 447}}\n", "decoder holds 448 positions, 446 after"),
+    ("data:\n  test: \"{data}\"\ndecoding: {{batch_size: 0}}\n", "decoding.batch_size: 0: must be between"),
+    ("data:\n  test: \"{data}\"\n  calibration_size: 0\n", "data.calibration_size: 0: must be at least 1"),
+]
+
+
+@pytest.mark.parametrize("fragment,message", BAD_SETTINGS)
+def test_check_rejects_what_a_run_would_reject(tmp_path, tiny_base, fragment, message):
+    text = f"base_model: {tiny_base}\n" + fragment.format(data=TEST_DATA) + "variants:\n  - name: a\n"
+    (tmp_path / "e.yaml").write_text(text)
+    with pytest.raises(ExperimentError) as info:
+        experiments.load(tmp_path / "e.yaml")
+    assert message in str(info.value)
+
+
+def test_empty_variants_and_duplicate_keys(tmp_path, tiny_base):
+    (tmp_path / "e.yaml").write_text(f"base_model: {tiny_base}\ndata: {{test: x}}\nvariants: []\n")
+    with pytest.raises(ExperimentError, match="variants: must be a non-empty list"):
+        experiments.load(tmp_path / "e.yaml", check_data=False)
+    (tmp_path / "d.yaml").write_text("data: {test: x}\nvariants:\n  - name: a\nvariants:\n  - name: b\n")
+    with pytest.raises(ExperimentError, match=r"d.yaml:4: variants: duplicate key 'variants' \(first at line 2\)"):
+        experiments.load(tmp_path / "d.yaml", check_data=False)
+
+
+def test_hostile_yaml_is_a_clear_error_quickly(tmp_path):
+    import time
+
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n"
+        for p, c in zip("abcdefgh", "bcdefghi")) + "variants: [*i]\n"
+    cases = {"bomb.yaml": bomb.encode(), "deep.yaml": ("a: " + "[" * 5000 + "]" * 5000 + "\n").encode(),
+             "binary.yaml": bytes(range(256)) * 4}
+    for name, content in cases.items():
+        (tmp_path / name).write_bytes(content)
+        t0 = time.perf_counter()
+        with pytest.raises(ExperimentError, match=name):
+            experiments.load(tmp_path / name, check_data=False)
+        assert time.perf_counter() - t0 < 10, name
+
+
+def test_python_tags_are_not_executed(tmp_path):
+    (tmp_path / "evil.yaml").write_text("name: !!python/object/apply:os.system ['touch pwned']\nvariants: []\n")
+    with pytest.raises(ExperimentError, match="not valid YAML"):
+        experiments.load(tmp_path / "evil.yaml", check_data=False)
+    assert not (tmp_path / "pwned").exists()

@@ -4,12 +4,13 @@ token-identically, and config errors name the key."""
 
 import copy
 import json
+import re
 
 import pytest
 import torch
 from click.testing import CliRunner
 
-from mla_registry import checkpoint, models
+from mla_registry import checkpoint, lineage, model_refs
 from mla_registry import finetune as ft
 from mla_registry.convert import convert_model
 from mla_registry.errors import KwargError
@@ -20,7 +21,7 @@ DATA = "builtin:real?source=librispeech_test_clean"  # 4 real clips: train and v
 
 @pytest.fixture(scope="module")
 def processor():
-    return models.load_processor("bundled:whisper-tiny.en")
+    return model_refs.load_processor("bundled:whisper-tiny.en")
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +63,7 @@ def test_exactly_the_requested_parameters_change(tmp_path, converted, processor,
     prov = finetune(model, processor, cfg(trainable=mode, steps=1 if mode == "all" else 2, eval_every=1),
                     tmp_path / "work", teacher_ref=None, quiet=True)
     assert prov["best_step"] > 0  # improved, so trained weights were kept
-    slots = tuple(r["path"] + "." for r in converted.mla_registry_slots)
+    slots = tuple(r.path + "." for r in lineage.of(converted).slots)
     names = list(before)
     expected = {
         "converted": {n for n in names if n.startswith(slots)},
@@ -134,16 +135,17 @@ def test_resume_after_interruption_gives_the_same_weights(tmp_path, converted, p
 
 
 def test_saved_checkpoint_reloads_token_identically(tmp_path, base, converted, processor):
-    from mla_registry import data
-    from mla_registry.families import whisper
+    from mla_registry import data, whisper
 
     model = copy.deepcopy(converted)
     prov = finetune(model, processor, cfg(objective="distill", steps=2), tmp_path / "w",
                     teacher_ref=str(base[0]), quiet=True)
-    checkpoint.save(model, tmp_path / "ckpt", processor, provenance={"finetune": prov})
+    lineage.record_finetune(model, prov)
+    checkpoint.save(model, tmp_path / "ckpt", processor)
     loaded = checkpoint.load(tmp_path / "ckpt")
     manifest = checkpoint.read_manifest(tmp_path / "ckpt")
-    assert manifest["provenance"]["finetune"]["best_valid_loss"] == prov["best_valid_loss"]
+    assert manifest["provenance"]["finetunes"][-1]["best_valid_loss"] == prov["best_valid_loss"]
+    assert lineage.of(loaded).provenance.finetune["best_valid_loss"] == prov["best_valid_loss"]
     feats = whisper.input_features(processor, [u.audio for u in data.load(DATA, limit=2, quiet=True)])
     with torch.no_grad():
         a = model.generate(input_features=feats, max_new_tokens=8)
@@ -155,17 +157,29 @@ def test_cli_keeps_provenance_and_defaults_the_teacher(tmp_path, base, converted
     from mla_registry.cli.finetune import command
 
     src = tmp_path / "mla16"
-    checkpoint.save(converted, src, processor, provenance={"source_model": str(base[0]), "conversions": ["x"]})
+    model = copy.deepcopy(converted)
+    lineage.of(model).provenance.source_model = str(base[0])  # as convert_and_save records it
+    checkpoint.save(model, src, processor)
     out = tmp_path / "ft"
     result = CliRunner().invoke(command, ["--model", str(src), "--train", DATA, "--valid", DATA, "--out", str(out),
                                           "--steps", "2", "--batch-size", "2", "--eval-every", "1", "--quiet"])
     assert result.exit_code == 0, result.output
     prov = checkpoint.read_manifest(out)["provenance"]
-    assert prov["source_model"] == str(base[0]) and prov["conversions"] == ["x"]
-    assert prov["finetune"]["teacher"] == str(base[0]) and prov["finetune"]["config"]["objective"] == "distill"
+    assert prov["source_model"] == str(base[0])
+    assert [c["attention_specs"] for c in prov["conversions"]] == [["decoder.*=mla:rank=16,init=svd"]]
+    assert prov["finetunes"][-1]["teacher"] == str(base[0])
+    assert prov["finetunes"][-1]["config"]["objective"] == "distill"
     assert (tmp_path / "ft.work" / ft.STATE_DIR / "state.json").exists()
     help_text = CliRunner().invoke(command, ["--help"]).output
-    assert "mla-registry finetune --model" in help_text
+    assert "mla-registry finetune --model" in help_text and "--distill-topk" in help_text  # generated options
+    from mla_registry.cli.main import cli
+
+    again = CliRunner().invoke(cli, ["finetune", "--model", str(src), "--train", DATA, "--valid", DATA, "--out",
+                                     str(out), "--steps", "2", "--quiet"])
+    assert again.exit_code != 0 and "--overwrite" in again.output  # the first fine-tune is not replaced silently
+    bad = CliRunner().invoke(cli, ["finetune", "--model", str(src), "--train", DATA, "--valid", DATA, "--out",
+                                   str(tmp_path / "x"), "--lr", "0"])
+    assert bad.exit_code != 0 and "lr" in bad.output and "Traceback" not in bad.output
 
 
 def test_config_from_mapping_and_errors_name_the_key():
@@ -173,20 +187,31 @@ def test_config_from_mapping_and_errors_name_the_key():
                                                                           "valid": "builtin:tts-valid"})
     assert (c.lr, c.steps, c.train, c.valid, c.objective) == (3e-4, 10, "builtin:tts-train", "builtin:tts-valid",
                                                                "distill")
-    cases = [({"objectiv": "ce"}, "unknown finetune key 'objectiv'"),
-             ({"objective": "mse"}, "'objective'='mse': allowed values: ce, distill, ce+distill"),
+    cases = [({"objectiv": "ce"}, "finetune.objectiv: unknown key 'objectiv'"),
+             ({"objective": "mse"}, "finetune.objective: 'mse' is not allowed; allowed values: ce, distill, "
+                                    "ce+distill"),
              ({"trainable": "q"}, "allowed values: converted, kv, attention, decoder, all"),
-             ({"steps": 1.5}, "finetune key 'steps' must be an integer"),
-             ({"steps": True}, "finetune key 'steps' must be an integer"),
-             ({"lr": 0}, "'lr'=0: must be > 0"),
-             ({"patience": -1}, "'patience'=-1")]
+             ({"steps": 1.5}, "finetune.steps: must be an integer"),
+             ({"steps": True}, "finetune.steps: must be an integer"),
+             ({"lr": 0}, "finetune.lr: 0.0: must be > 0"),
+             ({"patience": -1}, "finetune.patience: -1: must be at least 0")]
     for block, message in cases:
-        with pytest.raises(KwargError, match=message.replace("+", r"\+").replace("(", r"\(")):
+        with pytest.raises(KwargError, match=re.escape(message)):
             FinetuneConfig.from_mapping(block, defaults={"train": "a", "valid": "b"})
-    with pytest.raises(KwargError, match=r"'train' is missing: set data.train .* or finetune.train"):
+    with pytest.raises(KwargError, match=r"finetune.train: is missing: set data.train .* or finetune.train"):
         FinetuneConfig.from_mapping({"valid": "b"}, defaults={})
     with pytest.raises(KwargError, match="finetune must be a mapping"):
         FinetuneConfig.from_mapping(["lr"], defaults={})
+
+
+def test_trainable_kv_uses_the_groups_the_plugin_declares(converted, monkeypatch):
+    from mla_registry.plugins.mla import MlaBuilder
+
+    names = set(ft.trainable_parameters(converted, "kv"))
+    assert names and all(n.split(".")[-2] in ("kv_down", "k_up", "v_up") for n in names)
+    monkeypatch.setattr(MlaBuilder, "parameter_groups", {"query": ("q_proj.",)})
+    with pytest.raises(KwargError, match="plugin 'mla'.*declares no 'kv' parameter group"):
+        ft.trainable_parameters(converted, "kv")
 
 
 def test_nothing_to_train_is_a_clear_error(tmp_path, base, processor):
@@ -215,5 +240,5 @@ variants:
     with pytest.raises(ExperimentError) as info:
         experiments.load(tmp_path / "exp.yaml", check_data=False)
     message = str(info.value)
-    assert "exp.yaml:11: variants[1].finetune" in message and "'objective'='mse'" in message
-    assert "'train' is missing: set data.train" in message and "variants[0]" not in message
+    assert "exp.yaml:11: variants[1].finetune" in message and "'mse' is not allowed" in message
+    assert "finetune.train: is missing: set data.train" in message and "variants[0]" not in message

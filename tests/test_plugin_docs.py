@@ -8,9 +8,8 @@ import tomllib
 import torch
 from click.testing import CliRunner
 
-from mla_registry import checkpoint, hookspecs, registry, surgery
+from mla_registry import checkpoint, hookspecs, kvcache, registry, surgery, testing
 from mla_registry.cli.main import cli
-from mla_registry.evaluate import measure_cache
 
 README = (Path(__file__).parents[1] / "README.md").read_text()
 
@@ -42,18 +41,18 @@ def test_readme_plugin_is_listed_converted_saved_and_reloaded(install_plugin, ti
     assert "mqa  (plugin version 1; from mla-registry-mqa 1.0)" in listed.output and "pool" in listed.output
 
     model = tiny_model()
-    records = surgery.convert(model, [surgery.parse_spec("decoder.*=mqa:pool=first")], context=None)
-    assert {r["plugin"] for r in records} == {"mqa"} and records[0]["package"] == "mla-registry-mqa 1.0"
-    assert records[0]["kwargs"] == {} and records[0]["convert_kwargs"] == {"pool": "first"}
+    records = surgery.replace_slots(model, [surgery.parse_spec("decoder.*=mqa:pool=first")], context=None)
+    assert {r.plugin for r in records} == {"mqa"} and records[0].package == "mla-registry-mqa 1.0"
+    assert records[0].kwargs == {} and records[0].convert_kwargs == {"pool": "first"}
     feats = torch.randn(2, 80, 3000, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         out = model.generate(feats, max_new_tokens=6, return_dict_in_generate=True)
     head_dim = 64 // 4
-    assert measure_cache(out.past_key_values)["kv_self_bytes_per_token"] == 2 * (2 * head_dim * 4)
+    assert kvcache.measure(out.past_key_values).self_per_token == 2 * (2 * head_dim * 4)
 
     checkpoint.save(model, tmp_path / "mqa")
     reloaded = checkpoint.load(tmp_path / "mqa")
-    assert type(reloaded.get_submodule(records[0]["path"])).__name__ == "MultiQueryAttention"
+    assert type(reloaded.get_submodule(records[0].path)).__name__ == "MultiQueryAttention"
     with torch.no_grad():
         again = reloaded.generate(feats, max_new_tokens=6)
     assert torch.equal(out.sequences[:, -again.shape[1]:], again)  # generate() alone drops the prompt
@@ -67,3 +66,14 @@ def test_readme_plugin_is_listed_converted_saved_and_reloaded(install_plugin, ti
         assert "'mqa'" in str(exc) and "pip install mla-registry-mqa" in str(exc)
     else:
         raise AssertionError("loading without the plugin must fail")
+
+
+def test_readme_plugin_passes_the_conformance_kit(install_plugin):
+    """What the plugin guide tells a third party to run, run on the guide's own plugin (a fresh-process round
+    trip included: the plugin is installed through its entry point)."""
+    python, entry_points = _example()
+    install_plugin("mla-registry-mqa", entry_points, {"mla_registry_mqa": python})
+    builder = registry.get_builder("mqa")
+    results = testing.check_plugin(builder, [{"pool": "mean"}, {"pool": "first"}],
+                                   checks=tuple(c for c in testing.CHECKS if c != "equivalences"))
+    assert results["mqa(pool=mean): roundtrip"] == "ok" and results["mqa(pool=first): cache"] == "ok"

@@ -73,3 +73,41 @@ def test_missing_plugin_names_it_and_its_package():
     registry.reset()
     with pytest.raises(PluginError, match=r"no attention plugin named 'fancy'.*pip install fancy-attn"):
         registry.get_builder("fancy", package_hint="fancy-attn")
+
+
+def test_a_hook_that_does_not_match_the_hookspec_is_a_warning_not_a_crash(install_plugin):
+    install_plugin("tp-mismatch", {"tp_mismatch": "tp_mismatch", "tp_ok2": "tp_ok2"}, {
+        "tp_mismatch": "from mla_registry.hookspecs import hookimpl\n\n@hookimpl\n"
+                       "def register_attention(register, extra):\n    pass\n",
+        "tp_ok2": PLUGIN.format(name="tp-ok2"),
+    })
+    with pytest.warns(registry.PluginLoadWarning, match="tp_mismatch.*does not match the hook specification"):
+        reg = registry.get_registry()
+    assert "tp_mismatch" in reg.broken and "tp-ok2" in reg.builders
+
+
+def test_a_misspelled_hook_or_no_builder_is_a_warning_naming_the_plugin(install_plugin):
+    install_plugin("tp-quiet", {"tp_typo": "tp_typo", "tp_empty": "tp_empty"}, {
+        "tp_typo": "from mla_registry.hookspecs import hookimpl\n\n@hookimpl\n"
+                   "def register_atention(register):\n    pass\n",
+        "tp_empty": "from mla_registry.hookspecs import hookimpl\n\n@hookimpl\n"
+                    "def register_attention(register):\n    pass\n",
+    })
+    with pytest.warns(registry.PluginLoadWarning) as caught:
+        reg = registry.get_registry()
+    messages = " ".join(str(w.message) for w in caught)
+    assert "'tp_typo'" in messages and "no register_attention hook" in messages and "register_atention" in messages
+    assert "'tp_empty'" in messages and "registered no builder" in messages
+    assert "mla" in reg.builders
+
+
+def test_cli_survives_a_broken_plugin(install_plugin):
+    from click.testing import CliRunner
+
+    from mla_registry.cli.main import cli
+
+    install_plugin("tp-crash", {"tp_crash": "tp_crash"}, {
+        "tp_crash": "from mla_registry.hookspecs import hookimpl\n\n@hookimpl\n"
+                    "def register_attention(register, wrong):\n    pass\n"})
+    result = CliRunner().invoke(cli, ["plugins"])
+    assert result.exit_code == 0 and "mla" in result.output and "BROKEN tp_crash" in result.output

@@ -9,28 +9,27 @@ import sys
 import pytest
 import torch
 
-from mla_registry import checkpoint, data, models
+from mla_registry import checkpoint, data, kvcache, model_refs, whisper
+from mla_registry.calibration import CalibrationSettings
 from mla_registry.convert import convert_model
-from mla_registry.evaluate import measure_cache
-from mla_registry.families import whisper
 
-CALIB = "calibration=builtin:real?source=librispeech_dev_clean,calibration_size=4"
+CALIBRATION = CalibrationSettings("builtin:real?source=librispeech_dev_clean", 4)  # not the test clips
 VARIANTS = {  # name -> attention specs (decoder self + cross for each built-in)
     "mha": ["decoder.*=mha"],
     "gqa-2": ["decoder.*=gqa:kv_heads=2"],
-    "mla-192": [f"decoder.*=mla:rank=192,{CALIB}"],
+    "mla-192": ["decoder.*=mla:rank=192"],
     "mla-96-svd": ["decoder.*=mla:rank=96,init=svd"],
 }
 
 FRESH = r"""
 import json, sys, torch
-from mla_registry import checkpoint, data, models
-from mla_registry.families import whisper
+from mla_registry import checkpoint, data, model_refs
+from mla_registry import whisper
 utts = data.load("builtin:real?source=librispeech_test_clean", limit=2, quiet=True)
 result = {}
 for path in sys.argv[1:]:
     model = checkpoint.load(path)
-    feats = whisper.input_features(models.load_processor(path), [u.audio for u in utts])
+    feats = whisper.input_features(model_refs.load_processor(path), [u.audio for u in utts])
     with torch.no_grad():
         result[path] = model.generate(feats, max_new_tokens=60).tolist()
 print(json.dumps(result))
@@ -39,7 +38,7 @@ print(json.dumps(result))
 
 @pytest.fixture(scope="module")
 def base():
-    return models.load("bundled:whisper-tiny.en")
+    return model_refs.load("bundled:whisper-tiny.en")
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +58,8 @@ def reloaded(tmp_path_factory, clips):
     root = tmp_path_factory.mktemp("variants")
     expected = {}
     for name, specs in VARIANTS.items():
-        model, processor = models.load("bundled:whisper-tiny.en")
-        convert_model(model, processor, specs)
+        model, processor = model_refs.load("bundled:whisper-tiny.en")
+        convert_model(model, processor, specs, CALIBRATION)
         expected[str(root / name)] = generate(model, clips[1]).tolist()
         checkpoint.save(model, root / name, processor)
     proc = subprocess.run([sys.executable, "-c", FRESH, *expected], capture_output=True, text=True, timeout=600)
@@ -80,7 +79,7 @@ def test_reloaded_in_fresh_process_is_token_identical(reloaded, name):
 
 def test_mha_plugin_equals_stock_on_real_speech(base, clips):
     stock = base[0]
-    model, processor = models.load("bundled:whisper-tiny.en")
+    model, processor = model_refs.load("bundled:whisper-tiny.en")
     convert_model(model, processor, ["*=mha"])
     for kw in ({}, {"num_beams": 3}):
         assert torch.equal(generate(model, clips[1], **kw), generate(stock, clips[1], **kw))
@@ -91,22 +90,24 @@ def test_mha_plugin_equals_stock_on_real_speech(base, clips):
     torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["stock", "gqa-2", "mla-96-svd"])
-def test_measured_cache_equals_stated_bytes(clips, name):
-    model, processor = models.load("bundled:whisper-tiny.en")
-    if name != "stock":
-        convert_model(model, processor, VARIANTS[name])
-    with torch.no_grad():
-        out = model.generate(clips[1], max_new_tokens=20, return_dict_in_generate=True)
-    measured = measure_cache(out.past_key_values)
-    self_slots = [model.get_submodule(s.path) for s in whisper.slots(model) if s.kind == "decoder.self"]
-    cross_slots = [model.get_submodule(s.path) for s in whisper.slots(model) if s.kind == "decoder.cross"]
-    if name == "stock":  # stock WhisperAttention: 2 * d_model fp32 values per token per layer
-        stated_self, stated_cross = 4 * 2 * 384 * 4, 4 * 2 * 384 * 4 * 1500
-    else:
-        stated_self = sum(m.kv_cache_bytes_per_token() for m in self_slots)
-        stated_cross = sum(m.kv_cache_bytes_per_token() for m in cross_slots) * 1500
-    assert measured["kv_self_bytes_per_token"] == stated_self
-    assert measured["kv_cross_bytes_per_utterance"] == stated_cross
-    if name == "stock":
-        assert stated_self == 12288 and stated_cross == 18_432_000
+def test_measured_cache_equals_declared_and_shrinks_as_stated(clips):
+    """The cache generate() really holds, per variant: equal to what the modules declare, and in the ratios the
+    conversions promise against the stock model's (measured, not computed from the same literals)."""
+    held = {}
+    for name in ("stock", "gqa-2", "mla-96-svd"):
+        model, processor = model_refs.load("bundled:whisper-tiny.en")
+        if name != "stock":
+            convert_model(model, processor, VARIANTS[name])
+        with torch.no_grad():
+            out = model.generate(clips[1], max_new_tokens=20, return_dict_in_generate=True)
+        held[name] = kvcache.measure(out.past_key_values)
+        declared_self, declared_cross = kvcache.declared(model)
+        assert held[name].self_per_token == declared_self
+        assert held[name].cross_per_frame == declared_cross
+        assert held[name].cross_per_utterance == declared_cross * 1500  # every encoder frame, once
+    stock, d = held["stock"], 384
+    assert stock.self_per_token == 4 * 2 * d * 4  # 4 layers, K and V of d_model each, fp32: WhisperAttention's
+    for name, fraction in (("gqa-2", 2 / 6), ("mla-96-svd", 96 / (2 * d))):
+        assert held[name].self_per_token == pytest.approx(stock.self_per_token * fraction)
+        assert held[name].cross_per_utterance == pytest.approx(stock.cross_per_utterance * fraction)
+        assert held[name].self_per_utterance < stock.self_per_utterance

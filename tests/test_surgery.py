@@ -1,8 +1,8 @@
 import pytest
+import torch
 
-from mla_registry import surgery
+from mla_registry import surgery, whisper
 from mla_registry.errors import KwargError, SlotError
-from mla_registry.families import whisper
 
 
 def test_parse_spec():
@@ -51,3 +51,52 @@ def test_later_specs_win(tiny_model):
     got = {p.slot.name: p.builder.name for p in planned}
     assert got == {"decoder.self.0": "gqa", "decoder.cross.0": "gqa", "decoder.self.1": "gqa",
                    "decoder.cross.1": "mla"}
+
+
+def test_replace_slots_records_per_slot_and_owns_device_dtype_and_mode(tiny_model):
+    from mla_registry import lineage
+
+    model = tiny_model().to(torch.float64).train()
+    records = surgery.replace_slots(model, [surgery.parse_spec("decoder.cross=mla:rank=8,init=svd")], None)
+    assert [r.slot for r in records] == ["decoder.cross.0", "decoder.cross.1"] == [
+        r.slot for r in lineage.of(model).slots]
+    module = model.get_submodule(records[0].path)
+    assert next(module.parameters()).dtype == torch.float64 and module.training
+    assert records[0].kwargs == {"rank": 8, "absorb": True} and records[0].convert_kwargs == {"init": "svd"}
+
+
+def test_a_builder_may_decide_per_slot_kwargs(tiny_model, monkeypatch):
+    """The plan hook (e.g. ranks under one KV budget): what it returns is checked and recorded per slot."""
+    from mla_registry.plugins.mla import MlaBuilder
+
+    def plan(self, slots, kwargs, context):
+        return {s.path: {**kwargs, "rank": 4 * (i + 1)} for i, s in enumerate(slots)}
+
+    monkeypatch.setattr(MlaBuilder, "plan", plan)
+    model = tiny_model()
+    records = surgery.replace_slots(model, [surgery.parse_spec("decoder.*=mla:rank=8,init=svd")], None)
+    assert [r.kwargs["rank"] for r in records] == [4, 8, 12, 16]
+    assert surgery.describe(model)["decoder.self"] == "mla(rank=4..12)"
+    monkeypatch.setattr(MlaBuilder, "plan", lambda self, slots, kwargs, context: {
+        s.path: {**kwargs, "rank": 1000} for s in slots})
+    with pytest.raises(KwargError, match="at slot decoder.self.0.*'rank'=1000"):
+        surgery.replace_slots(tiny_model(), [surgery.parse_spec("decoder.*=mla:rank=8,init=svd")], None)
+
+
+def test_a_plugin_check_that_crashes_is_a_kwarg_error_naming_the_plugin(tiny_model, monkeypatch):
+    from mla_registry.plugins.gqa import GqaBuilder
+
+    monkeypatch.setattr(GqaBuilder, "check_slot", lambda self, slot, kwargs: 1 / 0)
+    with pytest.raises(KwargError, match="plugin 'gqa'.*ZeroDivisionError"):
+        surgery.plan(tiny_model(), [surgery.parse_spec("decoder.*=gqa:kv_heads=2")])
+
+
+def test_labels(tiny_model):
+    model = tiny_model()
+    surgery.replace_slots(model, [surgery.parse_spec("decoder.self=gqa:kv_heads=2"),
+                                  surgery.parse_spec("decoder.cross.1=mla:rank=8,init=svd")], None)
+    described = surgery.describe(model)
+    assert described == {"encoder.self": "stock", "decoder.self": "gqa(kv_heads=2)",
+                         "decoder.cross": "mla(rank=8)/stock"}
+    assert surgery.attention_label(described) == "self=gqa(kv_heads=2) cross=mla(rank=8)/stock"
+    assert surgery.attention_label({"encoder.self": "mha", "decoder.self": "stock"}) == "enc.self=mha self=stock"

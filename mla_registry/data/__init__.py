@@ -38,9 +38,9 @@ from typing import Any
 
 from mla_registry.errors import DataError
 
-from . import audio as _audio
 from . import builtin as _builtin
-from .refs import Ref, parse
+from . import loaders as _loaders
+from .refs import parse
 from .utterance import SAMPLE_RATE, Utterance, fingerprint
 
 __all__ = ["SAMPLE_RATE", "Utterance", "describe", "fingerprint", "fingerprint_of", "load", "parse"]
@@ -61,32 +61,17 @@ def load(ref: str, *, limit: int | None = None, skip_bad: bool = False, quiet: b
         return _builtin.load(r, limit=limit, skip_bad=skip_bad, quiet=quiet)
     if r.kind == "audiofolder":
         r.take({})
-        return _audio.load_audiofolder(r.raw, r.target, limit=limit, skip_bad=skip_bad, quiet=quiet)
+        return _loaders.load_audiofolder(r.raw, r.target, limit=limit, skip_bad=skip_bad, quiet=quiet)
     if r.kind == "csv":
         r.take({})
-        return _audio.load_csv(r.raw, r.target, limit=limit, skip_bad=skip_bad, quiet=quiet)
-    opts = r.take(_audio.HF_OPTIONS)
-    return _audio.load_hf(r.raw, r.target, opts, limit=limit, skip_bad=skip_bad, quiet=quiet)
+        return _loaders.load_csv(r.raw, r.target, limit=limit, skip_bad=skip_bad, quiet=quiet)
+    opts = r.take(_loaders.HF_OPTIONS)
+    return _loaders.load_hf(r.raw, r.target, opts, limit=limit, skip_bad=skip_bad, quiet=quiet)
 
 
 def fingerprint_of(utterances: list[Utterance]) -> str:
     """Fingerprint of loaded utterances (ids and texts), comparable with ``describe(ref)["fingerprint"]``."""
     return fingerprint((u.id, u.text) for u in utterances)
-
-
-def _describe_rows(r: Ref) -> tuple[int, str, dict[str, int]]:
-    """(size, fingerprint, sources) of a local or hub set, read without decoding audio."""
-    from collections import Counter
-
-    if r.kind == "csv":
-        from pathlib import Path
-
-        _, rows = _audio.read_csv_rows(r.raw, r.target)
-        pairs = [(row.get("id") or Path(row["file_name"]).with_suffix("").as_posix(), row["transcription"].strip())
-                 for row in rows]
-        default = Path(r.target).stem
-        return len(pairs), fingerprint(pairs), dict(Counter(row.get("source") or default for row in rows))
-    raise AssertionError(r.kind)
 
 
 def describe(ref: str) -> dict[str, Any]:
@@ -97,11 +82,9 @@ def describe(ref: str) -> dict[str, Any]:
         return _builtin.describe(r)
     if r.kind == "csv":
         r.take({})
-        size, fp, sources = _describe_rows(r)
-        return {"ref": r.raw, "kind": "csv", "size": size, "seed": None, "sources": sources, "fingerprint": fp,
-                "path": r.target}
+        return _loaders.describe_csv(r.raw, r.target)
     if r.kind == "audiofolder":
         r.take({})
-        return _audio.describe_dataset(r.raw, "audiofolder", r.target, None)
-    opts = r.take(_audio.HF_OPTIONS)
-    return _audio.describe_dataset(r.raw, "hf", r.target, opts)
+        return _loaders.describe_dataset(r.raw, "audiofolder", r.target, None)
+    opts = r.take(_loaders.HF_OPTIONS)
+    return _loaders.describe_dataset(r.raw, "hf", r.target, opts)

@@ -11,7 +11,7 @@ from typing import Any
 from mla_registry.errors import DataError
 
 from . import tts
-from .audio import load_audiofolder
+from .loaders import load_audiofolder
 from .refs import Ref
 from .utterance import Utterance, fingerprint
 
@@ -106,6 +106,12 @@ def load(ref: Ref, *, limit: int | None, skip_bad: bool, quiet: bool) -> list[Ut
         return out
 
     split, size, seed = _tts_params(ref)
+    if limit is not None and "size" not in ref.params and not skip_bad and limit < size:
+        # a smaller set is a prefix of a larger one: read the first `limit` of the full set if it is built,
+        # else synthesise only those (a calibration of 64 from builtin:tts-train builds 64, not all 600)
+        full = tts.plan(split, size, seed, real_texts())
+        if (tts.read_manifest(tts.set_dir(split, size, seed)) or {}).get("plan_key") != tts.plan_key(full):
+            size = max(1, limit)
     items = tts.plan(split, size, seed, real_texts())
     target = tts.set_dir(split, size, seed)
     manifest = tts.read_manifest(target)

@@ -22,8 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from mla_registry.cache import atomic_dir, cache_dir, write_json_atomic
+from mla_registry.atomic import atomic_dir, write_json
 from mla_registry.errors import DataError
+from mla_registry.storage import cache_dir
 
 from .text import Sentence, sentence_pool
 from .utterance import SAMPLE_RATE, fingerprint
@@ -56,7 +57,6 @@ VOICE_MIX: tuple[Voice, ...] = (
     Voice("espeak:en-gb+f3@145", "espeak", 1, 145, "en-gb+f3"),
     Voice("espeak:en-gb-x-rp+m3@150", "espeak", 1, 150, "en-gb-x-rp+m3"),
 )
-BLOCK = sum(v.weight for v in VOICE_MIX)
 
 
 @dataclass(frozen=True)
@@ -240,5 +240,5 @@ def build(name: str, split: str, size: int, seed: int, items: list[Item], target
             "build_seconds": round(time.perf_counter() - t0, 1),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        write_json_atomic(tmp / "manifest.json", manifest)
+        write_json(tmp / "manifest.json", manifest)
     return manifest

@@ -164,7 +164,7 @@ def test_a_decoder_that_cannot_load_is_an_install_error_not_a_bad_file(wav_dir, 
     """A torchcodec built for another torch fails inside its native loader; that must not read as a bad file."""
     import torchcodec.decoders
 
-    from mla_registry.data import audio
+    from mla_registry.data import loaders as audio
     from mla_registry.errors import InstallError
 
     class Broken:

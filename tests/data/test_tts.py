@@ -92,3 +92,14 @@ def test_missing_espeak_is_a_clear_error(data_cache, monkeypatch):
     with pytest.raises(DataError, match="apt-get install espeak-ng"):
         load("builtin:tts-valid?size=3&seed=9", quiet=True)
     assert not tts.set_dir("valid", 3, 9).exists()  # nothing half-built left behind
+
+
+def test_a_limit_without_a_size_synthesises_only_what_is_asked(data_cache):
+    """Calibration asks for N utterances of builtin:tts-train: N are built (the first N of the 600-set, which
+    a smaller set always is), not all 600."""
+    utts = load("builtin:tts-valid?seed=3", limit=3, quiet=True)
+    assert len(utts) == 3
+    built = sorted(p.name for p in (data_cache / "data").iterdir() if p.name.startswith("tts-valid"))
+    assert built == [tts.set_dir("valid", 3, 3).name]
+    full = tts.plan("valid", tts.SPLITS["valid"], 3, real_texts())
+    assert [(u.id, u.text) for u in utts] == [(i.id, i.text) for i in full[:3]]

@@ -71,3 +71,34 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
         return table[name]
     except KeyError:
         raise ModelRefError(f"dtype '{name}' is not one of {', '.join(table)}") from None
+
+
+DTYPES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16", "auto")
+
+
+def device_problem(name: str) -> str | None:
+    """Why ``name`` is not a usable torch device on this machine (``cpu``, ``cuda``, ``cuda:N``, ``mps``), or
+    None when it is."""
+    import re
+
+    if name == "cpu":
+        return None
+    m = re.fullmatch(r"cuda(?::(\d+))?", name)
+    if m:
+        if not torch.cuda.is_available():
+            return f"no CUDA GPU is available here (torch {torch.__version__}); use cpu"
+        if m[1] is not None and int(m[1]) >= torch.cuda.device_count():
+            return f"this machine has {torch.cuda.device_count()} CUDA device(s) (cuda:0..)"
+        return None
+    if name == "mps":
+        ok = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+        return None if ok else "Apple's Metal backend is not available here"
+    return "not a torch device; use cpu, cuda, cuda:N or mps"
+
+
+def check_device(name: str) -> str:
+    """``name`` when it is a usable device, else a :class:`ModelRefError` saying why."""
+    problem = device_problem(name)
+    if problem:
+        raise ModelRefError(f"device '{name}': {problem}")
+    return name

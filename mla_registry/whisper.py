@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..builder import Slot
+from .builder import Slot
+from .data.utterance import SAMPLE_RATE
 
 FAMILY = "whisper"
 KINDS = ("encoder.self", "decoder.self", "decoder.cross")
@@ -49,12 +50,11 @@ def _slot(config, path, kind, i, module, *, heads, causal, cross, layer_idx) -> 
 
 
 # --- inputs -------------------------------------------------------------------------------------------------
-SAMPLING_RATE = 16000
 
 
 def input_features(processor, audios, device=None, dtype=None):
     """Log-mel features ``[B, mels, 3000]`` for a list of 16 kHz float arrays (30 s windows, as Whisper trains)."""
-    feats = processor.feature_extractor(list(audios), sampling_rate=SAMPLING_RATE, return_tensors="pt").input_features
+    feats = processor.feature_extractor(list(audios), sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
     return feats.to(device=device, dtype=dtype) if device is not None or dtype is not None else feats
 
 

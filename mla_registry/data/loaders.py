@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from mla_registry.cache import cache_dir
 from mla_registry.errors import DataError, InstallError
+from mla_registry.storage import cache_dir
 
 from .utterance import SAMPLE_RATE, Utterance
 
@@ -325,6 +325,20 @@ def read_csv_rows(ref: str, path: str) -> tuple[list[str], list[dict[str, str]]]
         if not row.get("file_name"):
             raise DataError(f"{ref}: CSV {path} line {i + 2}: empty file_name")
     return header, rows
+
+
+def describe_csv(ref: str, path: str) -> dict[str, Any]:
+    """Size, fingerprint and sources of a CSV dataset, read without decoding audio."""
+    from collections import Counter
+
+    from .utterance import fingerprint
+
+    _, rows = read_csv_rows(ref, path)
+    pairs = [(row.get("id") or Path(row["file_name"]).with_suffix("").as_posix(), row["transcription"].strip())
+             for row in rows]
+    default = Path(path).stem
+    return {"ref": ref, "kind": "csv", "size": len(pairs), "seed": None, "fingerprint": fingerprint(pairs),
+            "sources": dict(Counter(row.get("source") or default for row in rows)), "path": path}
 
 
 def load_csv(

@@ -1,0 +1,20 @@
+"""Recovery fine-tuning of a converted model: cross-entropy on transcripts, distillation from the original model
+(KL to its teacher-forced logits), or their weighted sum; validation loss, early stopping, best weights kept,
+resumable training state. One implementation serves ``mla-registry finetune`` and the ``finetune:`` block of
+experiments.yaml.
+
+- :mod:`.config`: :class:`FinetuneConfig` (YAML block and CLI options from one definition)
+- :mod:`.trainable`: which parameters train
+- :mod:`.objectives`: cross-entropy, top-k distillation
+- :mod:`.loop`: cached inputs, steps, validation, early stopping; :func:`finetune`
+- :mod:`.state`: the resumable state on disk
+"""
+
+from .config import DECAYS, OBJECTIVES, TRAINABLE, FinetuneConfig
+from .loop import FinetuneCaches, FinetuneError, finetune
+from .objectives import distill_kl, topk_teacher
+from .state import STATE_DIR
+from .trainable import trainable_parameters
+
+__all__ = ["DECAYS", "OBJECTIVES", "STATE_DIR", "TRAINABLE", "FinetuneCaches", "FinetuneConfig", "FinetuneError",
+           "distill_kl", "finetune", "topk_teacher", "trainable_parameters"]

@@ -1,0 +1,30 @@
+"""Fingerprints: sha256 of what makes two things the same (weights, configurations). One implementation for the
+encoder-output sharing, fine-tuning resume and experiment resume."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def of_tensors(state: nn.Module | Mapping[str, torch.Tensor], h: Any = None) -> str:
+    """sha256 over names, dtypes, shapes and bytes of a module's state dict (or of a mapping of tensors):
+    equal only for identical weights."""
+    h = h or hashlib.sha256()
+    items = state.state_dict().items() if isinstance(state, nn.Module) else state.items()
+    for name, t in items:
+        t = t.detach().contiguous().cpu()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def of_json(obj: Any) -> str:
+    """sha256 of ``obj`` as canonical JSON (sorted keys; non-JSON values by ``str``)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()

@@ -1,0 +1,15 @@
+"""Every built-in plugin through the conformance kit (mla_registry.testing), exactly as a third-party plugin
+runs it: round trip through save and a fresh process, causality, measured = declared cache, declared
+equivalences (full rank / full heads reproduce MHA; absorbed = re-expanded), backward, groups, bf16, CUDA."""
+
+from mla_registry.plugins.gqa import GqaBuilder
+from mla_registry.plugins.mha import MhaBuilder
+from mla_registry.plugins.mla import MlaBuilder
+from mla_registry.testing import conformance_test
+
+test_mha = conformance_test(MhaBuilder(), [{}])
+test_gqa = conformance_test(GqaBuilder(), [{"kv_heads": 1}, {"kv_heads": 2}])
+test_mla = conformance_test(MlaBuilder(), [{"rank": 16, "init": "svd"}, {"rank": 16, "init": "activation"},
+                                           {"rank": 24, "init": "svd", "absorb": False}])
+test_mla_decoder_only = conformance_test(MlaBuilder(), [{"rank": 16, "init": "activation"}],
+                                         kinds=("decoder.self", "decoder.cross"), checks=("roundtrip", "cache"))

@@ -1,0 +1,85 @@
+"""mla_registry.evaluate: the same evaluation for every model; audio over 30 s transcribed whole, never cut;
+encoder outputs shared only between identical encoders; nothing evaluated is an error."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from mla_registry import data, evaluate, model_refs
+from mla_registry.data import Utterance
+from mla_registry.errors import DataError, KwargError
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    return model_refs.load("bundled:whisper-tiny.en")
+
+
+def test_audio_longer_than_the_window_is_transcribed_whole(bundled):
+    """Six LJ Speech clips joined into one 40-second utterance: cut at 30 s, about a quarter of the words would
+    be deletions; long-form decoding keeps them."""
+    model, processor = bundled
+    clips = data.load("builtin:real?source=ljspeech", limit=6, quiet=True)
+    long = Utterance("long", np.concatenate([u.audio for u in clips]), " ".join(u.text for u in clips), "lj", "lj")
+    assert long.duration > 35
+    metrics = evaluate.evaluate(model, processor, [long, clips[0]], evaluate.DecodeSettings(batch_size=2),
+                                quiet=True)
+    assert metrics["long_form_utterances"] == 1
+    assert metrics["deletions"] < 0.05 * metrics["ref_words"], metrics
+    assert metrics["wer"] < 0.1
+
+
+def test_an_empty_test_set_is_an_error(bundled):
+    with pytest.raises(DataError, match="nothing to evaluate"):
+        evaluate.evaluate(*bundled, [], quiet=True)
+
+
+def test_decoding_limits_are_checked_against_the_model(bundled):
+    with pytest.raises(KwargError, match="max_new_tokens: 0: must be between 1 and 448"):
+        evaluate.DecodeSettings(max_new_tokens=0)
+    with pytest.raises(KwargError, match="446 after its prompt"):
+        evaluate.DecodeSettings(max_new_tokens=447).check_model(bundled[0])
+
+
+def test_encoder_outputs_are_shared_only_between_identical_encoders(bundled, tiny_model):
+    model, processor = bundled
+    utts = data.load("builtin:real?source=jfk", quiet=True)
+    shared = evaluate.EncoderOutputs()
+    settings = evaluate.DecodeSettings(max_new_tokens=8)
+    a = evaluate.evaluate(model, processor, utts, settings, encoder_outputs=shared, quiet=True)
+    b = evaluate.evaluate(model, processor, utts, settings, encoder_outputs=shared, quiet=True)
+    assert (shared.misses, shared.hits) == (1, 1) and a["wer"] == b["wer"]
+    assert a["encoder_seconds"] == b["encoder_seconds"]  # the reused batch carries its measured time
+    import copy
+
+    other = copy.deepcopy(model)
+    other.model.encoder.layers[0].fc1.weight.data[0, 0] += 1.0
+    evaluate.evaluate(other, processor, utts, settings, encoder_outputs=shared, quiet=True)
+    assert shared.misses == 2
+
+
+def test_speed_and_cache_figures(bundled, tmp_path):
+    model, processor = bundled
+    utts = data.load("builtin:real?source=librispeech_test_clean", limit=2, quiet=True)
+    m = evaluate.evaluate(model, processor, utts, evaluate.DecodeSettings(max_new_tokens=20), out_dir=tmp_path,
+                          quiet=True)
+    assert m["decode_tokens_per_second"] == pytest.approx(m["generated_tokens"] / m["decode_seconds"])
+    assert m["real_time_factor"] == pytest.approx((m["encoder_seconds"] + m["decode_seconds"]) / m["audio_seconds"])
+    assert m["kv_self_bytes_per_token"] == 12288 and m["kv_cross_bytes_per_utterance"] == 18_432_000
+    # the self-attention cache each utterance really held: bytes/token x the batch's longest sequence
+    assert 12288 * 10 < m["kv_self_bytes_per_utterance"] <= 12288 * 22
+    records = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in records] == [u.id for u in utts] and json.loads(
+        (tmp_path / "metrics.json").read_text())["utterances"] == 2
+
+
+def test_check_output_dir(tmp_path):
+    evaluate.check_output_dir(tmp_path / "new")
+    (tmp_path / "mine.txt").write_text("x")
+    evaluate.check_output_dir(tmp_path)  # other files are left alone: only ours are written
+    (tmp_path / "predictions.jsonl").write_text("their data")
+    with pytest.raises(DataError, match="did not write"):
+        evaluate.check_output_dir(tmp_path)
