@@ -38,15 +38,31 @@ class DecodeSettings:
     num_beams: int = setting(1, "beam width (1 = greedy)", check=between(1, 64), flags=("--beams", "--num-beams"))
     max_new_tokens: int = setting(128, "most tokens generated per 30-second window (Whisper's decoder holds 448 "
                                   "positions, prompt included)", check=between(1, 448))
+    language: str | None = setting(None, "language of the audio, e.g. en (multilingual models; unset: detected "
+                                   "per utterance; English-only models transcribe English)")
+    task: str = setting("transcribe", "transcribe, or translate into English (multilingual models)",
+                        choices=whisper.TASKS)
 
     def __post_init__(self) -> None:
         from .config import check
 
         check(self)
 
+    def generate_kwargs(self, model: nn.Module) -> dict[str, Any]:
+        """What ``generate()`` takes of these settings for ``model`` (language and task only when multilingual)."""
+        out: dict[str, Any] = {"num_beams": self.num_beams, "max_new_tokens": self.max_new_tokens,
+                               "do_sample": False}
+        if whisper.is_multilingual(model):
+            out["task"] = self.task
+            if self.language is not None:
+                out["language"] = self.language
+        return out
+
     def check_model(self, model: nn.Module) -> None:
-        """Refuse settings the model cannot honour (more positions than its decoder has)."""
-        limit = model.config.max_target_positions - len(whisper.prompt_ids(model))
+        """Refuse settings the model cannot honour: a language or task it does not know, more positions than
+        its decoder has."""
+        whisper.check_language(model, self.language, self.task)
+        limit = model.config.max_target_positions - len(whisper.prompt_ids(model, self.language, self.task))
         if self.max_new_tokens > limit:
             raise KwargError(f"decoding.max_new_tokens={self.max_new_tokens}: this model's decoder holds "
                              f"{model.config.max_target_positions} positions, {limit} after its prompt")
@@ -124,8 +140,7 @@ def _long_form(model: nn.Module, processor, utt: Utterance, settings: DecodeSett
     t0 = time.perf_counter()
     out = model.generate(inputs.input_features.to(param.device, param.dtype),
                          attention_mask=inputs.attention_mask.to(param.device), return_timestamps=True,
-                         condition_on_prev_tokens=False, num_beams=settings.num_beams,
-                         max_new_tokens=settings.max_new_tokens, do_sample=False)
+                         condition_on_prev_tokens=False, **settings.generate_kwargs(model))
     seconds = time.perf_counter() - t0
     text = processor.tokenizer.batch_decode(out, skip_special_tokens=True)[0].strip()
     return text, {"decode_seconds": seconds, "generated_tokens": int(out.shape[-1])}
@@ -152,7 +167,7 @@ def transcribe(model: nn.Module, processor, utts: list[Utterance], settings: Dec
     done: dict[int, str] = {}
     stats = {"encoder_seconds": 0.0, "decode_seconds": 0.0, "generated_tokens": 0, "long_form_utterances": 0}
     kv, kv_utts = kvcache.KvBytes(), 0
-    prompt = len(whisper.prompt_ids(model))
+    prompt = len(whisper.prompt_ids(model, settings.language, settings.task))
     eos = _eos(model)
     bar = tqdm(total=sum(len(batches[k]) for k in mine) + len(mine_long), desc=desc, disable=quiet, unit="utt")
     for k in mine:
@@ -165,11 +180,8 @@ def transcribe(model: nn.Module, processor, utts: list[Utterance], settings: Dec
             hidden = model.get_encoder()(feats).last_hidden_state
             seconds = time.perf_counter() - t0
         t1 = time.perf_counter()
-        out = model.generate(
-            encoder_outputs=BaseModelOutput(last_hidden_state=hidden),
-            num_beams=settings.num_beams, max_new_tokens=settings.max_new_tokens, do_sample=False,
-            return_dict_in_generate=True,
-        )
+        out = model.generate(encoder_outputs=BaseModelOutput(last_hidden_state=hidden), return_dict_in_generate=True,
+                             **settings.generate_kwargs(model))
         stats["decode_seconds"] += time.perf_counter() - t1
         stats["encoder_seconds"] += seconds
         stats["generated_tokens"] += _count_tokens(out.sequences[:, prompt:], eos)
@@ -209,19 +221,21 @@ def fits_window(u: Utterance) -> bool:
     return u.duration <= WINDOW_SECONDS
 
 
-def records_for(utts: list[Utterance], hyps: list[str]) -> list[dict[str, Any]]:
-    """Per-utterance records: id, voice, source, reference, hypothesis, normalised forms and edit counts."""
+def records_for(utts: list[Utterance], hyps: list[str], language: str | None = None) -> list[dict[str, Any]]:
+    """Per-utterance records: id, voice, source, reference, hypothesis, normalised forms and edit counts (with
+    the normaliser for ``language``)."""
+    normalise, _ = normalize.for_language(language)
     out = []
     for u, h in zip(utts, hyps):
         out.append({"id": u.id, "voice": u.voice, "source": u.source, "reference": u.text, "hypothesis": h,
-                    "seconds": round(u.duration, 3), **scoring.score_utterance(u.text, h)})
+                    "seconds": round(u.duration, 3), **scoring.score_utterance(u.text, h, normalise)})
     return out
 
 
-def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """Totals plus per-voice and per-source breakdowns."""
+def summarise(records: list[dict[str, Any]], language: str | None = None) -> dict[str, Any]:
+    """Totals plus per-voice and per-source breakdowns, and the normaliser they went through."""
     return {**scoring.totals(records), "by_voice": scoring.by_group(records, "voice"),
-            "by_source": scoring.by_group(records, "source"), "normalizer": normalize.name()}
+            "by_source": scoring.by_group(records, "source"), "normalizer": normalize.for_language(language)[1]}
 
 
 def evaluate(model: nn.Module, processor, utts: list[Utterance], settings: DecodeSettings = DecodeSettings(),
@@ -232,7 +246,7 @@ def evaluate(model: nn.Module, processor, utts: list[Utterance], settings: Decod
     if not utts and not getattr(utts, "sharded", False):
         raise DataError("the test set has no utterances: there is nothing to evaluate")
     hyps, stats = transcribe(model, processor, utts, settings, encoder_outputs, quiet)
-    records = records_for(utts, hyps)
+    records = records_for(utts, hyps, settings.language)
     if getattr(utts, "sharded", False):  # streamed shards: gather the records and timings of every rank
         parts = distributed.gather((records, stats))
         records = [r for part in parts for r in part[0]]
@@ -243,7 +257,7 @@ def evaluate(model: nn.Module, processor, utts: list[Utterance], settings: Decod
         if not records:
             raise DataError("the test set has no utterances on any rank: there is nothing to evaluate")
     metrics = {
-        **summarise(records),
+        **summarise(records, settings.language),
         "decoding": asdict(settings),
         "parameters": sum(p.numel() for p in model.parameters()),
         "attention": describe(model),

@@ -31,3 +31,15 @@ def name() -> str:
     """An exact name for the normaliser, recorded in results so numbers are never compared across normalisers."""
     digest = hashlib.sha256(_SPELLING.read_bytes()).hexdigest()[:12]
     return f"whisper-english (transformers EnglishTextNormalizer, english.json sha256:{digest})"
+
+
+def for_language(language: str | None):
+    """``(normalise, name)`` for references in ``language``: Whisper's English normaliser for English (or an
+    unset language, the English-only models' case), its ``BasicTextNormalizer`` (lower case, no punctuation or
+    diacritics, no English spelling rules) for every other language."""
+    if language in (None, "en", "english"):
+        return normalize, name()
+    from transformers.models.whisper.english_normalizer import BasicTextNormalizer
+
+    basic = BasicTextNormalizer(remove_diacritics=False, split_letters=False)
+    return basic, "whisper-basic (transformers BasicTextNormalizer)"

@@ -23,9 +23,10 @@ def _counts(ref: str, hyp: str, chars: bool = False) -> dict[str, int]:
             "insertions": out.insertions, "ref": out.hits + out.substitutions + out.deletions}
 
 
-def score_utterance(reference: str, hypothesis: str) -> dict[str, Any]:
-    """Normalised forms and word/character edit counts of one utterance."""
-    ref_n, hyp_n = normalize(reference).strip(), normalize(hypothesis).strip()
+def score_utterance(reference: str, hypothesis: str, normalise=normalize) -> dict[str, Any]:
+    """Normalised forms and word/character edit counts of one utterance (Whisper's English normaliser unless
+    another is given: :func:`mla_registry.normalize.for_language`)."""
+    ref_n, hyp_n = normalise(reference).strip(), normalise(hypothesis).strip()
     return {"reference_norm": ref_n, "hypothesis_norm": hyp_n,
             "words": _counts(ref_n, hyp_n), "chars": _counts(ref_n, hyp_n, chars=True)}
 

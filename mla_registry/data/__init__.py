@@ -51,22 +51,25 @@ def _check_limit(limit: int | None) -> None:
         raise DataError(f"limit must be a non-negative integer or None, got {limit!r}")
 
 
-def load(ref: str, *, limit: int | None = None, skip_bad: bool = False, quiet: bool = False) -> list[Utterance]:
+def load(ref: str, *, limit: int | None = None, skip_bad: bool = False, quiet: bool = False,
+         lazy: bool = False) -> list[Utterance]:
     """Resolve ``ref`` (syntax in the module docstring) to utterances: float32 mono 16 kHz audio + transcript.
     ``limit`` keeps the first N usable utterances; ``skip_bad`` skips unreadable/empty/silent files (with a
-    warning) instead of raising; ``quiet`` hides progress bars."""
+    warning) instead of raising; ``quiet`` hides progress bars. ``lazy`` reads ids and transcripts now and each
+    file's audio when the utterance's audio is asked for (what evaluation does, batch by batch, so a large test
+    set is never all in memory; with ``skip_bad`` every file is read first, to find the bad ones)."""
     _check_limit(limit)
     r = parse(ref)
     if r.kind == "builtin":
-        return _builtin.load(r, limit=limit, skip_bad=skip_bad, quiet=quiet)
+        return _builtin.load(r, limit=limit, skip_bad=skip_bad, quiet=quiet, lazy=lazy)
     if r.kind == "audiofolder":
         r.take({})
-        return _loaders.load_audiofolder(r.raw, r.target, limit=limit, skip_bad=skip_bad, quiet=quiet)
+        return _loaders.load_audiofolder(r.raw, r.target, limit=limit, skip_bad=skip_bad, quiet=quiet, lazy=lazy)
     if r.kind == "csv":
         r.take({})
-        return _loaders.load_csv(r.raw, r.target, limit=limit, skip_bad=skip_bad, quiet=quiet)
+        return _loaders.load_csv(r.raw, r.target, limit=limit, skip_bad=skip_bad, quiet=quiet, lazy=lazy)
     opts = r.take(_loaders.HF_OPTIONS)
-    return _loaders.load_hf(r.raw, r.target, opts, limit=limit, skip_bad=skip_bad, quiet=quiet)
+    return _loaders.load_hf(r.raw, r.target, opts, limit=limit, skip_bad=skip_bad, quiet=quiet, lazy=lazy)
 
 
 def fingerprint_of(utterances: list[Utterance]) -> str:

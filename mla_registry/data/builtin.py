@@ -85,7 +85,7 @@ def _check_name(ref: Ref) -> None:
                         + ", ".join(f"builtin:{n}" for n in NAMES))
 
 
-def load(ref: Ref, *, limit: int | None, skip_bad: bool, quiet: bool) -> list[Utterance]:
+def load(ref: Ref, *, limit: int | None, skip_bad: bool, quiet: bool, lazy: bool = False) -> list[Utterance]:
     """Load a builtin set (building and caching a TTS set on first use)."""
     _check_name(ref)
     if ref.target == "real":
@@ -95,7 +95,7 @@ def load(ref: Ref, *, limit: int | None, skip_bad: bool, quiet: bool) -> list[Ut
                 break
             utts = load_audiofolder(
                 ref.raw, str(REAL_DIR / source), limit=None if limit is None else limit - len(out),
-                skip_bad=skip_bad, quiet=quiet, default_source=source,
+                skip_bad=skip_bad, quiet=quiet, default_source=source, lazy=lazy,
             )
             for u in utts:
                 stem = u.id
@@ -118,7 +118,7 @@ def load(ref: Ref, *, limit: int | None, skip_bad: bool, quiet: bool) -> list[Ut
     if manifest is None or manifest.get("plan_key") != tts.plan_key(items):
         tts.build(ref.target, split, size, seed, items, target, quiet)
     utts = load_audiofolder(ref.raw, str(target), limit=limit, skip_bad=skip_bad, quiet=quiet,
-                            default_source=f"tts:{split}")
+                            default_source=f"tts:{split}", lazy=lazy)
     expected = [(it.id, it.text) for it in items][: len(utts)]
     if not skip_bad and [(u.id, u.text) for u in utts] != expected:
         raise DataError(f"{ref.raw}: the cached set in {target} does not match its plan; delete the directory "

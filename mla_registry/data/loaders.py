@@ -158,9 +158,14 @@ def rows_to_utterances(
     limit: int | None = None,
     skip_bad: bool = False,
     quiet: bool = False,
+    lazy: bool = False,
 ) -> list[Utterance]:
     """Decode the rows of a ``datasets`` Dataset (or IterableDataset) whose ``audio_col`` is cast to
-    :func:`target_feature` into Utterances. ``ids`` gives the id per row, else ``id_of(row, index)``."""
+    :func:`target_feature` into Utterances. ``ids`` gives the id per row, else ``id_of(row, index)``.
+
+    ``lazy``: read ids and transcripts now and each file's audio only when it is asked for (a bad file is then a
+    DataError at that point, naming it). Streamed datasets and ``skip_bad`` (which must read every file to find
+    the bad ones) are read eagerly."""
     from datasets import Audio
     from tqdm.auto import tqdm
 
@@ -187,8 +192,11 @@ def rows_to_utterances(
             uid = ids[index] if ids is not None else id_of(raw, index)
             problem = None
             text = raw.get(text_col)
+            audio = None
             if not isinstance(text, str) or not text.strip():
                 problem = f"has an empty or missing transcript in column {text_col!r}"
+            elif lazy and not streaming and not skip_bad:
+                pass  # decoded when asked for
             else:
                 try:
                     decoded = feature.decode_example(raw[audio_col]) if streaming else ds[index][audio_col]
@@ -209,6 +217,7 @@ def rows_to_utterances(
             seen[uid] = index
             voice = raw.get(voice_col) if voice_col else None
             source = raw.get(source_col) if source_col else None
+            loader = None if audio is not None else _row_loader(ref, ds, audio_col, index, where, uid)
             out.append(
                 Utterance(
                     id=str(uid),
@@ -216,6 +225,7 @@ def rows_to_utterances(
                     text=text.strip(),
                     voice=str(voice) if voice not in (None, "") else default_voice,
                     source=str(source) if source not in (None, "") else default_source,
+                    loader=loader,
                 )
             )
     finally:
@@ -224,6 +234,22 @@ def rows_to_utterances(
         shown = ", ".join(bad[:10]) + (f", ... ({len(bad) - 10} more)" if len(bad) > 10 else "")
         warnings.warn(f"{ref}: skipped {len(bad)} bad audio file(s): {shown}", stacklevel=3)
     return out
+
+
+def _row_loader(ref: str, ds: Any, audio_col: str, index: int, where: str, uid: str):
+    """Decode row ``index`` of ``ds`` when called; a DataError naming the file when it cannot be used."""
+
+    def load() -> np.ndarray:
+        try:
+            audio = decoded_to_array(ds[index][audio_col])
+        except Exception as e:  # noqa: BLE001 - any decoder failure means the file is unreadable
+            raise DataError(f"{ref}: {where} (id {uid!r}) cannot be decoded: {_short(e)}") from None
+        problem = check_audio(audio)
+        if problem:
+            raise DataError(f"{ref}: {where} (id {uid!r}) is {problem}")
+        return audio
+
+    return load
 
 
 def _local_cache() -> str:
@@ -296,7 +322,7 @@ def open_audiofolder(ref: str, directory: str, quiet: bool = False) -> tuple[Any
 
 def load_audiofolder(
     ref: str, directory: str, *, limit: int | None = None, skip_bad: bool = False, quiet: bool = False,
-    default_voice: str = "unknown", default_source: str | None = None,
+    default_voice: str = "unknown", default_source: str | None = None, lazy: bool = False,
 ) -> list[Utterance]:
     """A local directory in the audiofolder layout (metadata.csv: file_name,transcription[,voice,source,id])."""
     ds, text_col, id_of = open_audiofolder(ref, directory, quiet)
@@ -305,7 +331,7 @@ def load_audiofolder(
         voice_col="voice" if "voice" in ds.column_names else None,
         source_col="source" if "source" in ds.column_names else None,
         default_voice=default_voice, default_source=default_source or Path(directory).name,
-        limit=limit, skip_bad=skip_bad, quiet=quiet,
+        limit=limit, skip_bad=skip_bad, quiet=quiet, lazy=lazy,
     )
 
 
@@ -342,7 +368,8 @@ def describe_csv(ref: str, path: str) -> dict[str, Any]:
 
 
 def load_csv(
-    ref: str, path: str, *, limit: int | None = None, skip_bad: bool = False, quiet: bool = False
+    ref: str, path: str, *, limit: int | None = None, skip_bad: bool = False, quiet: bool = False,
+    lazy: bool = False,
 ) -> list[Utterance]:
     """A CSV file with ``file_name,transcription[,voice,source,id]``; file names relative to the CSV's folder."""
     from datasets import Dataset
@@ -359,7 +386,7 @@ def load_csv(
     return rows_to_utterances(
         ref, ds, audio_col="audio", text_col="transcription", ids=ids,
         voice_col="voice" if "voice" in header else None, source_col="source" if "source" in header else None,
-        default_source=Path(path).stem, limit=limit, skip_bad=skip_bad, quiet=quiet,
+        default_source=Path(path).stem, limit=limit, skip_bad=skip_bad, quiet=quiet, lazy=lazy,
     )
 
 
@@ -428,7 +455,7 @@ def hf_columns(ref: str, ds: Any, opts: dict[str, str | None]) -> tuple[str, str
 
 def load_hf(
     ref: str, name: str, opts: dict[str, str | None], *, limit: int | None = None, skip_bad: bool = False,
-    quiet: bool = False,
+    quiet: bool = False, lazy: bool = False,
 ) -> list[Utterance]:
     """A ``datasets.load_dataset`` name or hub-layout directory. Streamed under torchrun, each rank reads only its
     own shard (``datasets.distributed.split_dataset_by_node``); the result is then marked ``sharded``."""
@@ -452,7 +479,7 @@ def load_hf(
         ref, ds, audio_col=audio_col, text_col=text_col, id_of=id_of, voice_col=voice_col,
         source_col="source" if "source" in cols else None,
         default_source=os.path.basename(name.rstrip("/")) + (f"/{opts['config']}" if opts["config"] else ""),
-        limit=limit, skip_bad=skip_bad, quiet=quiet,
+        limit=limit, skip_bad=skip_bad, quiet=quiet, lazy=lazy,
     )
     if voice_col == "speaker_id":
         for u in utts:

@@ -16,7 +16,8 @@ def test_evaluate_prints_and_writes(invoke, tiny_base, tmp_path):
     assert result.exit_code == 0, result.output
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["utterances"] == 1 and metrics["decoding"] == {"batch_size": 16, "num_beams": 1,
-                                                                  "max_new_tokens": 4}
+                                                                  "max_new_tokens": 4, "language": None,
+                                                                  "task": "transcribe"}
     assert "| all " in result.output  # the github table
     assert invoke("evaluate", "--model", tiny_base, "--data", DATA, "--max-new-tokens", "4", "--out", out,
                   "--quiet").exit_code == 0  # a previous evaluation's directory may be written again

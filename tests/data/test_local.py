@@ -183,3 +183,30 @@ def test_a_decoder_that_cannot_load_is_an_install_error_not_a_bad_file(wav_dir, 
     message = str(info.value)
     assert "installation problem, not a bad audio file" in message and "torchcodec" in message
     assert "pip install 'torchcodec" in message and "a.wav" not in message
+
+
+def test_a_lazy_set_reads_each_file_when_asked_and_keeps_none(wav_dir, data_cache, monkeypatch):
+    (wav_dir / "metadata.csv").write_text("file_name,transcription\na.wav,first\nb.wav,second\nc.flac,third\n")
+    from mla_registry.data import loaders
+
+    decoded = []
+    real = loaders.decoded_to_array
+    monkeypatch.setattr(loaders, "decoded_to_array", lambda d: decoded.append(1) or real(d))
+    utts = load(str(wav_dir), lazy=True, quiet=True)
+    assert [u.id for u in utts] == ["a", "b", "c"] and [u.text for u in utts] == ["first", "second", "third"]
+    assert decoded == [] and all(u.lazy for u in utts)
+    eager = load(str(wav_dir), quiet=True)
+    decoded.clear()
+    assert np.array_equal(utts[1].audio, eager[1].audio) and len(decoded) == 1
+    assert utts[1].duration == pytest.approx(1.5) and len(decoded) == 1  # the duration is remembered
+    _ = utts[1].audio
+    assert len(decoded) == 2  # not kept: read again
+
+
+def test_a_bad_file_in_a_lazy_set_is_an_error_naming_it_when_read(wav_dir, data_cache):
+    sf.write(wav_dir / "silent.wav", np.zeros(16000, dtype=np.float32), 16000)
+    (wav_dir / "metadata.csv").write_text("file_name,transcription\na.wav,first\nsilent.wav,nothing\n")
+    utts = load(str(wav_dir), lazy=True, quiet=True)
+    assert len(utts[0].audio) == 16000
+    with pytest.raises(DataError, match=r"silent\.wav.*is silent"):
+        _ = utts[1].audio
