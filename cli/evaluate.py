@@ -48,7 +48,7 @@ def command(model_ref, data_ref, limit, out, skip_bad, fmt, device, dtype, quiet
     quiet = quiet or not world.is_main
     model, processor = model_refs.load(model_ref, device=device, dtype=model_refs.parse_dtype(dtype))
     settings.check_model(model)
-    utts = data.load(data_ref, limit=limit, skip_bad=skip_bad, quiet=quiet)
+    utts = data.load(data_ref, limit=limit, skip_bad=skip_bad, quiet=quiet, lazy=True)  # read batch by batch
     metrics = evaluate(model, processor, utts, settings, out_dir=out, quiet=quiet,
                        extra={"model": model_ref, "data": data.describe(data_ref)})
     if not world.is_main:
@@ -56,7 +56,8 @@ def command(model_ref, data_ref, limit, out, skip_bad, fmt, device, dtype, quiet
     click.echo(f"model {model_ref} on {data_ref} ({metrics['utterances']} utterances; normaliser: "
                f"{metrics['normalizer']})")
     click.echo(evaluation_table(metrics, fmt))
-    click.echo(f"decode {metrics['decode_tokens_per_second']:.1f} tokens/s, real-time factor "
-               f"{metrics['real_time_factor']:.3f}")
+    click.echo(f"{metrics['audio_seconds'] / 3600:.3f} h of audio; decode {metrics['decode_tokens_per_second']:.1f} "
+               f"tokens/s, real-time factor {metrics['real_time_factor']:.3f}, peak RSS "
+               f"{metrics['peak_rss_bytes'] / 2**30:.2f} GiB")
     if out:
         click.echo(f"wrote {out}/predictions.jsonl and {out}/metrics.json")

@@ -42,9 +42,13 @@ def command(config: str, force: bool, check: bool, fmt: str, quiet: bool) -> Non
     from mla_registry import report
 
     click.echo(report.full_report(results["report"], fmt))
-    click.echo(f"\nwrote {exp.run_dir}/results.json, report.md, report.csv "
-               f"({results['wall_seconds_this_invocation']:.0f} s this run; encoder batches computed "
-               f"{results['encoder_reuse']['computed_batches']}, reused {results['encoder_reuse']['reused_batches']})")
+    reuse = results["encoder_reuse"]
+    click.echo(f"\nwrote {exp.run_dir}/results.json, report.md, report.csv")
+    click.echo(f"{results['wall_seconds_this_invocation']:.0f} s this run, {results['audio_hours']:.3f} h of test "
+               f"audio per variant, peak RSS {results['peak_rss_bytes'] / 2**30:.2f} GiB; encoder batches computed "
+               f"{reuse['computed_batches']}, reused {reuse['reused_batches']} (in memory up to "
+               f"{reuse['budget_bytes'] / 2**30:.1f} GiB, peak {reuse['peak_memory_bytes'] / 2**30:.2f}; spilled to "
+               f"disk {reuse['spilled_batches']}, recomputed {reuse['recomputed_batches']})")
     if results.get("tradeoff_png"):
         click.echo(f"wrote {results['tradeoff_png']}")
     else:

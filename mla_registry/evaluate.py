@@ -1,8 +1,10 @@
 """Evaluate one model on one dataset: batched transcription, WER/CER, per-utterance records, timings and the
 KV cache the model really held.
 
-Encoder outputs can be shared between models whose encoders are identical (:class:`EncoderOutputs`, keyed by a
-hash of the encoder's weights, not by trust), so comparing N decoder variants costs one encoder pass.
+Encoder outputs can be shared between models whose encoders are identical
+(:class:`~mla_registry.encoder_cache.EncoderOutputs`, keyed by a hash of the encoder's weights, not by trust, and
+bounded in memory), so comparing N decoder variants costs one encoder pass. A test set opened lazily is read batch
+by batch (each file when its batch is transcribed), so memory does not grow with the test set.
 Utterances longer than Whisper's 30-second window are transcribed whole with transformers' long-form
 (sequential, timestamped) decoding, never cut: the same path for every model compared.
 """
@@ -20,12 +22,16 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.modeling_outputs import BaseModelOutput
 
-from . import distributed, fingerprint, kvcache, normalize, scoring, whisper
+from . import distributed, kvcache, normalize, scoring, whisper
 from .atomic import write_json, write_text
 from .config import between, setting
 from .data import SAMPLE_RATE, Utterance
+from .encoder_cache import EncoderOutputs, encoder_fingerprint
 from .errors import DataError, KwargError
+from .process_memory import limit_heap_growth, peak_rss_bytes
 from .surgery import describe
+
+__all__ = ["DecodeSettings", "EncoderOutputs", "encoder_fingerprint", "evaluate", "peak_rss_bytes", "transcribe"]
 
 WINDOW_SECONDS = 30.0  # Whisper's input window: longer audio goes through long-form decoding
 
@@ -66,34 +72,6 @@ class DecodeSettings:
         if self.max_new_tokens > limit:
             raise KwargError(f"decoding.max_new_tokens={self.max_new_tokens}: this model's decoder holds "
                              f"{model.config.max_target_positions} positions, {limit} after its prompt")
-
-
-def encoder_fingerprint(model: nn.Module) -> str:
-    """Equal only for identical encoders (names, dtypes, shapes and bytes of every encoder tensor)."""
-    return fingerprint.of_tensors(model.get_encoder())
-
-
-class EncoderOutputs:
-    """Encoder outputs per (encoder fingerprint, batch of utterance ids), computed once and reused."""
-
-    def __init__(self) -> None:
-        self._store: dict[tuple[str, tuple[str, ...]], tuple[torch.Tensor, float]] = {}
-        self.hits = 0
-        self.misses = 0
-
-    def get(self, model: nn.Module, fingerprint: str, ids: tuple[str, ...],
-            feats: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """The encoder output for this batch, and the seconds it took when it was computed (so speed figures
-        stay comparable between the variant that computed it and those that reuse it)."""
-        key = (fingerprint, ids)
-        if key in self._store:
-            self.hits += 1
-            return self._store[key]
-        self.misses += 1
-        t0 = time.perf_counter()
-        out = model.get_encoder()(feats).last_hidden_state
-        self._store[key] = (out, time.perf_counter() - t0)
-        return self._store[key]
 
 
 def check_output_dir(out: str | Path) -> None:
@@ -152,50 +130,65 @@ def transcribe(model: nn.Module, processor, utts: list[Utterance], settings: Dec
                desc: str = "transcribing") -> tuple[list[str], dict[str, Any]]:
     """Greedy (or beam) transcripts of ``utts`` in order, and timings plus the measured KV cache.
 
-    Under ``torchrun`` each rank decodes whole batches (batch k on rank k mod world size, so every batch has the
-    same members as in a single process) and every rank returns the gathered, ordered transcripts.
+    Batches are consecutive windows of ``batch_size`` utterances; each window's audio is read when the window
+    is transcribed (and only when its encoder output is not cached), and its utterances longer than the
+    30-second window go through long-form decoding. Under ``torchrun`` each rank decodes whole windows (window
+    k on rank k mod world size, the same members as in a single process) and every rank returns the gathered,
+    ordered transcripts.
     """
     settings.check_model(model)
+    limit_heap_growth()  # peak memory must not creep up with the number of batches (see process_memory)
     param = next(model.parameters())
     fp = encoder_fingerprint(model) if encoder_outputs is not None else ""
-    short = [i for i, u in enumerate(utts) if fits_window(u)]
-    long = [i for i, u in enumerate(utts) if not fits_window(u)]
-    batches = [short[i: i + settings.batch_size] for i in range(0, len(short), settings.batch_size)]
+    windows = [list(range(i, min(i + settings.batch_size, len(utts)))) for i in range(0, len(utts),
+                                                                                      settings.batch_size)]
     local = getattr(utts, "sharded", False)  # a streamed shard: this rank's data already, decode all of it
-    mine = list(range(len(batches))) if local else distributed.my_share(len(batches))
-    mine_long = long if local else [long[i] for i in distributed.my_share(len(long))]
+    mine = list(range(len(windows))) if local else distributed.my_share(len(windows))
     done: dict[int, str] = {}
-    stats = {"encoder_seconds": 0.0, "decode_seconds": 0.0, "generated_tokens": 0, "long_form_utterances": 0}
+    stats = {"encoder_seconds": 0.0, "decode_seconds": 0.0, "generated_tokens": 0, "long_form_utterances": 0,
+             "audio_seconds": 0.0}
     kv, kv_utts = kvcache.KvBytes(), 0
     prompt = len(whisper.prompt_ids(model, settings.language, settings.task))
     eos = _eos(model)
-    bar = tqdm(total=sum(len(batches[k]) for k in mine) + len(mine_long), desc=desc, disable=quiet, unit="utt")
+    bar = tqdm(total=sum(len(windows[k]) for k in mine), desc=desc, disable=quiet, unit="utt")
     for k in mine:
-        batch = [utts[i] for i in batches[k]]
-        feats = whisper.input_features(processor, [u.audio for u in batch], param.device, param.dtype)
-        if encoder_outputs is not None:
-            hidden, seconds = encoder_outputs.get(model, fp, tuple(u.id for u in batch), feats)
-        else:
-            t0 = time.perf_counter()
-            hidden = model.get_encoder()(feats).last_hidden_state
-            seconds = time.perf_counter() - t0
-        t1 = time.perf_counter()
-        out = model.generate(encoder_outputs=BaseModelOutput(last_hidden_state=hidden), return_dict_in_generate=True,
-                             **settings.generate_kwargs(model))
-        stats["decode_seconds"] += time.perf_counter() - t1
-        stats["encoder_seconds"] += seconds
-        stats["generated_tokens"] += _count_tokens(out.sequences[:, prompt:], eos)
-        held = kvcache.measure(getattr(out, "past_key_values", None))
-        kv, kv_utts = kv + kvcache.KvBytes(*(x * len(batch) for x in held.astuple())), kv_utts + len(batch)
-        texts = processor.tokenizer.batch_decode(out.sequences, skip_special_tokens=True)
-        done.update({i: t.strip() for i, t in zip(batches[k], texts)})
+        batch = [utts[i] for i in windows[k]]
+        audio = {u.id: u.audio for u in batch if u.lazy and u._seconds is None}  # durations decide the path
+        short = [(i, u) for i, u in zip(windows[k], batch) if fits_window(u)]
+        stats["audio_seconds"] += sum(u.duration for u in batch)
+
+        def features(short=short, audio=audio) -> torch.Tensor:
+            return whisper.input_features(processor, [audio.get(u.id) if u.id in audio else u.audio
+                                                      for _, u in short])
+
+        if short:
+            ids = tuple(u.id for _, u in short)
+            if encoder_outputs is not None:
+                hidden, seconds = encoder_outputs.get(model, fp, ids, features)
+            else:
+                feats = features().to(param.device, param.dtype)
+                t0 = time.perf_counter()
+                hidden = model.get_encoder()(feats).last_hidden_state
+                seconds = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            out = model.generate(encoder_outputs=BaseModelOutput(last_hidden_state=hidden),
+                                 return_dict_in_generate=True, **settings.generate_kwargs(model))
+            stats["decode_seconds"] += time.perf_counter() - t1
+            stats["encoder_seconds"] += seconds
+            stats["generated_tokens"] += _count_tokens(out.sequences[:, prompt:], eos)
+            held = kvcache.measure(getattr(out, "past_key_values", None))
+            kv, kv_utts = kv + kvcache.KvBytes(*(x * len(short) for x in held.astuple())), kv_utts + len(short)
+            texts = processor.tokenizer.batch_decode(out.sequences, skip_special_tokens=True)
+            done.update({i: t.strip() for (i, _), t in zip(short, texts)})
+        for i, u in zip(windows[k], batch):
+            if not fits_window(u):
+                done[i], extra = _long_form(model, processor, u, settings)
+                stats["decode_seconds"] += extra["decode_seconds"]
+                stats["generated_tokens"] += extra["generated_tokens"]
+                stats["long_form_utterances"] += 1
+        audio.clear()
         bar.update(len(batch))
-    for i in mine_long:
-        done[i], extra = _long_form(model, processor, utts[i], settings)
-        stats["decode_seconds"] += extra["decode_seconds"]
-        stats["generated_tokens"] += extra["generated_tokens"]
-        stats["long_form_utterances"] += 1
-        bar.update(1)
+        bar.set_postfix(audio_h=f"{stats['audio_seconds'] / 3600:.2f}")
     bar.close()
 
     parts = distributed.gather((done, stats, kv, kv_utts)) if not local else [(done, stats, kv, kv_utts)]
@@ -206,13 +199,13 @@ def transcribe(model: nn.Module, processor, utts: list[Utterance], settings: Dec
         total["encoder_seconds"] = max(p[1]["encoder_seconds"] for p in parts)
         total["decode_seconds"] = max(p[1]["decode_seconds"] for p in parts)
         total["world_size"] = len(parts)
-    total["audio_seconds"] = sum(u.duration for u in utts)
     kv_all = sum((p[2] for p in parts), kvcache.KvBytes())
     n = max(sum(p[3] for p in parts), 1)
     total.update(kv_self_bytes_per_token=kv_all.self_per_token / n,
                  kv_self_bytes_per_utterance=kv_all.self_per_utterance / n,
                  kv_cross_bytes_per_utterance=kv_all.cross_per_utterance / n)
     total.update(speed(total))
+    total["peak_rss_bytes"] = peak_rss_bytes()
     return hyps, total
 
 

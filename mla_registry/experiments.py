@@ -48,6 +48,10 @@ class RunSettings:
     baseline: str | None = setting(None, "the variant ΔWER is measured against (default: the first)")
     device: str = setting("cpu", "torch device: cpu, cuda, cuda:N", check=_device)
     dtype: str | None = setting(None, "evaluation dtype: float32 (default), bfloat16 or float16", choices=DTYPES)
+    encoder_cache_gib: float = setting(2.0, "memory for encoder outputs shared between variants; beyond it they go "
+                                       "to a disk cache in the run directory, or are recomputed",
+                                       check=at_least(0))
+    keep_encoder_cache: bool = setting(False, "keep the disk cache of encoder outputs after the run")
 
 
 @dataclass(frozen=True)
@@ -117,6 +121,8 @@ class Experiment:
     baseline: str | None
     device: str = "cpu"
     dtype: str | None = None
+    encoder_cache_gib: float = 2.0
+    keep_encoder_cache: bool = False
 
     @property
     def run_dir(self) -> Path:
@@ -258,7 +264,8 @@ def load(path: str | Path, check_data: bool = True) -> Experiment:
         out_dir = Path.cwd() / out_dir
     return Experiment(path=path, name=settings.name or path.stem, base_model=settings.base_model, data=data,
                       decoding=decoding, variants=variants, output_dir=out_dir, baseline=baseline,
-                      device=settings.device, dtype=settings.dtype)
+                      device=settings.device, dtype=settings.dtype, encoder_cache_gib=settings.encoder_cache_gib,
+                      keep_encoder_cache=settings.keep_encoder_cache)
 
 
 def _variants(c: _Checker, items: list, data: dict[str, Any]) -> list[Variant]:

@@ -20,10 +20,12 @@ from tqdm.auto import tqdm
 from . import checkpoint, data, distributed, lineage, model_refs
 from .atomic import write_json
 from .convert import convert_model
+from .encoder_cache import EncoderOutputs, GiB
 from .errors import ExperimentError
-from .evaluate import EncoderOutputs, evaluate
+from .evaluate import evaluate
 from .experiments import Experiment, Variant
 from .finetune import FinetuneCaches
+from .process_memory import limit_heap_growth, peak_rss_bytes
 
 RESULTS = "results.json"
 
@@ -101,8 +103,8 @@ class _Variants:
 def load_test_data(exp: Experiment, quiet: bool) -> tuple[list, dict[str, Any]]:
     """The test utterances (every set, in order) and their description for the results."""
     utts = []
-    for ref in exp.test_refs:
-        utts += data.load(ref, limit=exp.data.limit, quiet=quiet)
+    for ref in exp.test_refs:  # lazily: ids and transcripts now, each file's audio when its batch is transcribed
+        utts += data.load(ref, limit=exp.data.limit, quiet=quiet, lazy=True)
     if not utts:
         raise ExperimentError(f"{exp.path}: data.test gave no utterances")
     desc = {"ref": " + ".join(exp.test_refs), "sets": [data.describe(r) for r in exp.test_refs],
@@ -119,14 +121,36 @@ def run(exp: Experiment, force: bool = False, quiet: bool = False) -> dict[str, 
     world = distributed.world()
     _check_world(run_dir, world.size, force)
     t_start = time.perf_counter()
+    limit_heap_growth()
     utts, data_desc = load_test_data(exp, quiet)
     base_processor = model_refs.load_processor(exp.base_model)
-    shared = EncoderOutputs()
+    shared = EncoderOutputs(int(exp.encoder_cache_gib * GiB), spill_dir=run_dir / ".encoder-outputs",
+                            keep=exp.keep_encoder_cache)
+    try:
+        entries = _run_variants(exp, utts, data_desc, base_processor, shared, force, quiet)
+    finally:
+        shared.close()
+    results = _write_results(exp, entries, data_desc)
+    if not world.is_main:
+        return results
+    results["wall_seconds_this_invocation"] = time.perf_counter() - t_start
+    results["encoder_reuse"] = shared.report()
+    results["audio_hours"] = sum(u.duration for u in utts) / 3600
+    results["peak_rss_bytes"] = peak_rss_bytes()
+    png = plot.tradeoff_plot(run_dir)
+    plot.curves_plot(run_dir)
+    results["report"] = report.write_reports(run_dir)
+    results["tradeoff_png"] = str(png) if png else None
+    return results
+
+
+def _run_variants(exp: Experiment, utts: list, data_desc: dict, base_processor, shared: EncoderOutputs,
+                  force: bool, quiet: bool) -> list[dict[str, Any]]:
     builder = _Variants(exp, force, quiet)
     dtype = model_refs.parse_dtype(exp.dtype)
     entries = []
     for v in exp.variants:
-        vdir = run_dir / v.name
+        vdir = exp.run_dir / v.name
         build, evaluation = v.build_fingerprint(exp), v.eval_fingerprint(exp)
         metrics = distributed.broadcast(None if force else _done(vdir, build, evaluation))
         if metrics is not None:
@@ -145,16 +169,7 @@ def run(exp: Experiment, force: bool = False, quiet: bool = False) -> dict[str, 
             gc.collect()
         entries.append(_entry(v, vdir, metrics))
         _write_results(exp, entries, data_desc)
-    results = _write_results(exp, entries, data_desc)
-    if not world.is_main:
-        return results
-    results["wall_seconds_this_invocation"] = time.perf_counter() - t_start
-    results["encoder_reuse"] = {"computed_batches": shared.misses, "reused_batches": shared.hits}
-    png = plot.tradeoff_plot(run_dir)
-    plot.curves_plot(run_dir)
-    results["report"] = report.write_reports(run_dir)
-    results["tradeoff_png"] = str(png) if png else None
-    return results
+    return entries
 
 
 def _entry(v: Variant, vdir: Path, metrics: dict[str, Any]) -> dict[str, Any]:
