@@ -60,7 +60,7 @@ class _Variants:
 
     def __init__(self, exp: Experiment, force: bool, quiet: bool):
         self.exp, self.force, self.quiet = exp, force, quiet
-        self.finetune_caches = FinetuneCaches()
+        self.finetune_caches = FinetuneCaches(int(exp.encoder_cache_gib * GiB), exp.run_dir / ".finetune-inputs")
 
     def checkpoint(self, v: Variant, vdir: Path, build: str) -> str:
         """The model reference to evaluate: an existing model, the base model, or this variant's checkpoint."""
@@ -126,10 +126,12 @@ def run(exp: Experiment, force: bool = False, quiet: bool = False) -> dict[str, 
     base_processor = model_refs.load_processor(exp.base_model)
     shared = EncoderOutputs(int(exp.encoder_cache_gib * GiB), spill_dir=run_dir / ".encoder-outputs",
                             keep=exp.keep_encoder_cache)
+    builder = _Variants(exp, force, quiet)
     try:
-        entries = _run_variants(exp, utts, data_desc, base_processor, shared, force, quiet)
+        entries = _run_variants(exp, builder, utts, data_desc, base_processor, shared, quiet)
     finally:
         shared.close()
+        builder.finetune_caches.close()
     results = _write_results(exp, entries, data_desc)
     if not world.is_main:
         return results
@@ -144,9 +146,9 @@ def run(exp: Experiment, force: bool = False, quiet: bool = False) -> dict[str, 
     return results
 
 
-def _run_variants(exp: Experiment, utts: list, data_desc: dict, base_processor, shared: EncoderOutputs,
-                  force: bool, quiet: bool) -> list[dict[str, Any]]:
-    builder = _Variants(exp, force, quiet)
+def _run_variants(exp: Experiment, builder: _Variants, utts: list, data_desc: dict, base_processor,
+                  shared: EncoderOutputs, quiet: bool) -> list[dict[str, Any]]:
+    force = builder.force
     dtype = model_refs.parse_dtype(exp.dtype)
     entries = []
     for v in exp.variants:

@@ -106,3 +106,16 @@ def test_peak_memory_stays_within_the_budget_however_large_the_test_set(tmp_path
     assert unbounded["peak_rss"] - large["peak_rss"] > outputs // 2, (large, unbounded)
     print(f"peak RSS: 24 utts {small['peak_rss'] >> 20} MiB; 200 utts budget 16 MiB {large['peak_rss'] >> 20} MiB; "
           f"200 utts unbounded {unbounded['peak_rss'] >> 20} MiB")
+
+
+def test_tensor_store_keeps_what_fits_and_files_the_rest(tmp_path):
+    from mla_registry.encoder_cache import TensorStore
+
+    store = TensorStore(budget_bytes=2 * 400, directory=tmp_path / "s")
+    tensors = {f"k{i}": torch.randn(10, 10) for i in range(5)}  # 400 bytes each
+    for k, t in tensors.items():
+        store.put(k, t)
+    assert store.report()["in_memory"] == 2 and store.report()["on_disk"] == 3 and "k4" in store
+    assert all(torch.equal(store.get(k), t) for k, t in tensors.items())
+    store.close()
+    assert not (tmp_path / "s").exists()

@@ -242,3 +242,18 @@ variants:
     message = str(info.value)
     assert "exp.yaml:11: variants[1].finetune" in message and "'mse' is not allowed" in message
     assert "finetune.train: is missing: set data.train" in message and "variants[0]" not in message
+
+
+def test_cached_inputs_beyond_the_budget_go_to_disk_with_identical_training(tmp_path, converted, processor):
+    c = cfg(steps=2, eval_every=1)
+    in_memory = copy.deepcopy(converted)
+    finetune(in_memory, processor, c, tmp_path / "a", teacher_ref=None, quiet=True)
+    on_disk = copy.deepcopy(converted)
+    caches = ft.FinetuneCaches(budget_bytes=0, directory=tmp_path / "inputs")
+    finetune(on_disk, processor, c, tmp_path / "b", teacher_ref=None, quiet=True, caches=caches)
+    report = caches.store.report()
+    assert report["in_memory"] == 0 and report["on_disk"] == 3 + 2  # train_limit 3, valid_limit 2
+    a, b = dict(in_memory.named_parameters()), dict(on_disk.named_parameters())
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    caches.close()
+    assert not (tmp_path / "inputs").exists()

@@ -26,6 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import distributed, fingerprint, whisper
+from ..encoder_cache import DEFAULT_BUDGET, TensorStore
 from ..errors import DataError, MlaRegistryError
 from . import state as st
 from .config import FinetuneConfig
@@ -39,21 +40,42 @@ class FinetuneError(MlaRegistryError):
 
 @dataclass
 class Item:
-    """One utterance, ready for teacher forcing: encoder output (or features), transcript, teacher top-k."""
+    """One utterance, ready for teacher forcing: its encoder output (or features) under ``key`` in the caches'
+    store, transcript, teacher top-k (a few kB: kept in memory)."""
 
-    source: torch.Tensor
+    key: str
     text: str
+    store: TensorStore
     teacher: dict[str, torch.Tensor] | None = None
+
+    @property
+    def source(self) -> torch.Tensor:
+        return self.store.get(self.key)
 
 
 @dataclass
 class FinetuneCaches:
-    """Encoder outputs and teacher top-k per (encoder or teacher weights, data, settings), shared by the
-    fine-tuned variants of one experiment (they fine-tune one base model on the same data: encode and distil
-    once). The runner owns one for a run; a lone fine-tune makes its own."""
+    """Encoder outputs (or features) and teacher top-k per (encoder or teacher weights, data, settings), shared by
+    the fine-tuned variants of one experiment (they fine-tune one base model on the same data: encode and distil
+    once). The tensors live in a :class:`~mla_registry.encoder_cache.TensorStore`: in memory up to
+    ``budget_bytes``, beyond it on disk in ``directory``. The runner owns one for a run; a lone fine-tune makes
+    its own (in its work directory) and closes it."""
 
-    inputs: dict[tuple, list[tuple[torch.Tensor, str]]] = field(default_factory=dict)
+    budget_bytes: int = DEFAULT_BUDGET
+    directory: Path | None = None
+    inputs: dict[tuple, list[tuple[str, str]]] = field(default_factory=dict)
     teachers: dict[tuple, tuple[float, list[dict[str, torch.Tensor]]]] = field(default_factory=dict)
+    _store: TensorStore | None = None
+
+    @property
+    def store(self) -> TensorStore:
+        if self._store is None:
+            self._store = TensorStore(self.budget_bytes, self.directory)
+        return self._store
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
 
 
 class Trainer:
@@ -79,19 +101,23 @@ class Trainer:
         key = ("encoded" if self.encoder_frozen else "features",
                fingerprint.of_tensors(self.model.get_encoder()) if self.encoder_frozen else "",
                fingerprint_of(utts), self.cfg.batch_size, str(self.device), str(self.dtype))
+        store = self.caches.store
         if key in self.caches.inputs:
-            return [Item(src, text) for src, text in self.caches.inputs[key]]
+            return [Item(k, text, store) for k, text in self.caches.inputs[key]]
         items: list[Item] = []
         was = self.model.training
         self.model.eval()
         bs = self.cfg.batch_size
+        prefix = fingerprint.of_json(key)[:12]
         for i in tqdm(range(0, len(utts), bs), desc=desc, disable=quiet, unit="batch", leave=False):
             batch = utts[i: i + bs]
             feats = whisper.input_features(self.processor, [u.audio for u in batch], self.device, self.dtype)
             src = self.model.get_encoder()(feats).last_hidden_state if self.encoder_frozen else feats
-            items += [Item(src[j].clone(), u.text) for j, u in enumerate(batch)]
+            for j, u in enumerate(batch):
+                store.put(f"{prefix}/{i + j}", src[j].clone())
+                items.append(Item(f"{prefix}/{i + j}", u.text, store))
         self.model.train(was)
-        self.caches.inputs[key] = [(it.source, it.text) for it in items]
+        self.caches.inputs[key] = [(it.key, it.text) for it in items]
         return items
 
     @torch.no_grad()
@@ -232,8 +258,8 @@ def _check(model: nn.Module, cfg: FinetuneConfig, params: dict[str, nn.Parameter
 def _load_data(cfg: FinetuneConfig, quiet: bool) -> tuple[list, list]:
     from .. import data
 
-    train = data.load(cfg.train, limit=cfg.train_limit, quiet=quiet)
-    valid = data.load(cfg.valid, limit=cfg.valid_limit, quiet=quiet)
+    train = data.load(cfg.train, limit=cfg.train_limit, quiet=quiet, lazy=True)  # audio read when encoded
+    valid = data.load(cfg.valid, limit=cfg.valid_limit, quiet=quiet, lazy=True)
     for ref, utts in ((cfg.train, train), (cfg.valid, valid)):
         if not utts:
             raise DataError(f"fine-tune data '{ref}' has no utterances")
@@ -296,7 +322,9 @@ def finetune(model: nn.Module, processor, cfg: FinetuneConfig, work_dir: str | P
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     for n, p in model.named_parameters():
         p.requires_grad_(n in params)
-    trainer = Trainer(model, processor, cfg, params, encoder_frozen, caches or FinetuneCaches())
+    own = caches is None
+    caches = caches or FinetuneCaches(directory=Path(work_dir) / "inputs")
+    trainer = Trainer(model, processor, cfg, params, encoder_frozen, caches)
     try:
         train_utts, valid_utts = _load_data(cfg, quiet)
         n_params = sum(p.numel() for p in params.values())
@@ -324,6 +352,8 @@ def finetune(model: nn.Module, processor, cfg: FinetuneConfig, work_dir: str | P
             f"{run.step}), {provenance['seconds']:.0f} s")
         return provenance
     finally:
+        if own:
+            caches.close()
         for n, p in model.named_parameters():
             p.requires_grad_(flags[n])
         model.eval()
