@@ -153,7 +153,7 @@ def transcribe(model: nn.Module, processor, utts: list[Utterance], settings: Dec
     bar = tqdm(total=sum(len(windows[k]) for k in mine), desc=desc, disable=quiet, unit="utt")
     for k in mine:
         batch = [utts[i] for i in windows[k]]
-        audio = {u.id: u.audio for u in batch if u.lazy and u._seconds is None}  # durations decide the path
+        audio = {u.id: u.audio for u in batch if not u.duration_known}  # durations decide the path
         short = [(i, u) for i, u in zip(windows[k], batch) if fits_window(u)]
         stats["audio_seconds"] += sum(u.duration for u in batch)
 

@@ -46,6 +46,11 @@ class Utterance:
         return self._audio is None
 
     @property
+    def duration_known(self) -> bool:
+        """Whether :attr:`duration` is known without decoding the audio."""
+        return self._seconds is not None
+
+    @property
     def duration(self) -> float:
         """Seconds of audio (decoding it once if it was never read)."""
         if self._seconds is None:
