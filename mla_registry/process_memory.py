@@ -32,6 +32,17 @@ def limit_heap_growth() -> bool:
 
 
 def peak_rss_bytes() -> int:
-    """The process's peak resident memory so far (Linux reports kilobytes, macOS bytes)."""
+    """The process's peak resident memory so far.
+
+    On Linux this is ``VmHWM`` of ``/proc/self/status``: the high-water mark of this process's own memory.
+    ``getrusage``'s ``ru_maxrss`` is not: it survives ``exec``, so a program started by a large parent (pytest
+    after a few hundred tests, say) reports the parent's peak as its own. Elsewhere ``ru_maxrss`` (macOS: bytes)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
