@@ -11,7 +11,8 @@ from mla_registry.model_refs import DEFAULT_MODEL, DTYPES, device_problem
 
 def model_option(default: str | None = DEFAULT_MODEL):
     return click.option("--model", "model_ref", default=default, required=default is None, show_default=True,
-                        help="Hub id (openai/whisper-tiny.en), local directory/checkpoint, or bundled:whisper-tiny.en.")
+                        help="Hub id (openai/whisper-tiny.en), local directory/checkpoint, bundled:whisper-tiny.en or "
+                        "bundled:whisper-base.")
 
 
 def _device(ctx, param, value: str) -> str:
