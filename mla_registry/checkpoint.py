@@ -191,6 +191,9 @@ def load(ckpt_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.
             f"{ckpt_dir}: weights do not match the rebuilt architecture; missing: {missing[:8]}"
             f"{'...' if len(missing) > 8 else ''}; unexpected: {result.unexpected_keys[:8]}"
             f"{'...' if len(result.unexpected_keys) > 8 else ''}"
+            + ("" if (ckpt_dir / MANIFEST).exists() else
+               f" ({MANIFEST} is absent, so the directory was read as a plain Whisper; converted attention is "
+               "rebuilt only from its manifest)")
         )
     model.tie_weights()
     if (ckpt_dir / "generation_config.json").exists():

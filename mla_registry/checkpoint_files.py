@@ -151,7 +151,8 @@ def _check_entry(path: Path, name: str, entry: Any, body: int) -> None:
         raise CheckpointError(f"{at}: shape must be a list of non-negative integers, got {shape!r:.80}")
     if (not isinstance(offsets, list) or len(offsets) != 2 or not all(isinstance(n, int) for n in offsets)
             or not 0 <= offsets[0] <= offsets[1] <= body):
-        raise CheckpointError(f"{at}: data_offsets {offsets!r:.80} are not within the file's {body} data bytes")
+        raise CheckpointError(f"{at}: data_offsets {offsets!r:.80} are not within the file's {body} data bytes "
+                              "(a truncated file?)")
     if math.prod(shape) * _DTYPE_BYTES[dtype] != offsets[1] - offsets[0]:
         raise CheckpointError(f"{at}: shape {shape} of {dtype} does not match its {offsets[1] - offsets[0]} bytes")
 

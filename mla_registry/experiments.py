@@ -350,8 +350,9 @@ def _check_model(c: _Checker, base_model: str, variants: list[Variant], decoding
         return
     try:
         decoding.check_model(model)
-    except MlaRegistryError as exc:
-        c.err("decoding.max_new_tokens", str(exc))
+    except MlaRegistryError as exc:  # its message starts with the setting at fault: decoding.language=...
+        key = re.match(r"(decoding\.\w+)", str(exc))
+        c.err(key[1] if key else "decoding", str(exc))
     for i, v in enumerate(variants):
         for spec in v.attention:
             try:

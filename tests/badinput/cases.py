@@ -294,7 +294,7 @@ def checkpoint_cases() -> list[Case]:
     add("provenance-finetunes-string", json_edit(MANIFEST, lambda m: m["provenance"].update(finetunes="x")), MANIFEST,
         "finetunes")
     add("manifest-unknown-keys", json_edit(MANIFEST, lambda m: m.update(extra={"a": 1})), expect=same_weights)
-    add("manifest-absent-plain-hf", lambda p: (p / MANIFEST).unlink(), "missing")
+    add("manifest-absent-plain-hf", lambda p: (p / MANIFEST).unlink(), f"{MANIFEST} is absent", "k_up")
 
     # -- no code from the checkpoint runs
     for name in ("os.system", "os:system", "subprocess.call", "builtins.eval", "__import__",
@@ -339,7 +339,8 @@ def checkpoint_cases() -> list[Case]:
                          ("weights-header-shape-lies", header_bytes({"x": {"dtype": "F32", "shape": [10**9, 10**9],
                                                                           "data_offsets": [0, 16]}}, b"\0" * 16))]:
         add(cid, raw(WEIGHTS, content), WEIGHTS)
-    add("weights-truncated", lambda p: (p / WEIGHTS).write_bytes((p / WEIGHTS).read_bytes()[:-1000]), WEIGHTS)
+    add("weights-truncated", lambda p: (p / WEIGHTS).write_bytes((p / WEIGHTS).read_bytes()[:-1000]), WEIGHTS,
+        "truncated")
     add("weights-truncated-header", lambda p: (p / WEIGHTS).write_bytes((p / WEIGHTS).read_bytes()[:100]), WEIGHTS)
     add("weights-is-dir", lambda p: ((p / WEIGHTS).unlink(), (p / WEIGHTS).mkdir()), WEIGHTS)
     add("weights-missing", lambda p: (p / WEIGHTS).unlink(), WEIGHTS)
@@ -495,7 +496,7 @@ def experiment_cases() -> list[Case]:
         ("device-quantum", "device", "quantum", ("device", "quantum")), ("device-cuda", "device", "cuda", ("cuda",)),
         ("device-cuda-99", "device", "cuda:99", ("cuda:99",)), ("device-int", "device", 0, ("device",)),
         ("dtype-unknown", "dtype", "float8", ("dtype", "float8")), ("dtype-int", "dtype", 16, ("dtype",)),
-        ("max-new-tokens-huge", "decoding.max_new_tokens", 100000, ("max_new_tokens", "100000")),
+        ("max-new-tokens-huge", "decoding.max_new_tokens", 100000, (": decoding.max_new_tokens:", "100000")),
         ("max-new-tokens-zero", "decoding.max_new_tokens", 0, ("max_new_tokens",)),
         ("max-new-tokens-negative", "decoding.max_new_tokens", -5, ("max_new_tokens",)),
         ("batch-size-zero", "decoding.batch_size", 0, ("batch_size",)),
@@ -503,7 +504,7 @@ def experiment_cases() -> list[Case]:
         ("decoding-unknown-key", "decoding.temperature", 0.5, ("temperature",)),
         ("decoding-list", "decoding", [1], ("decoding",)),
         ("task-unknown", "decoding.task", "summarise", ("summarise",)),
-        ("language-fr-english-only", "decoding.language", "fr", ("language",)),
+        ("language-fr-english-only", "decoding.language", "fr", (": decoding.language:",)),
         ("variants-empty", "variants", [], ("variants",)), ("variants-mapping", "variants", {"a": 1}, ("variants",)),
         ("variants-string", "variants", "mla", ("variants",)), ("variants-missing", "variants", _DROP, ("variants",)),
         ("variant-string", "variants.0", "mla", ("variants[0]",)),
