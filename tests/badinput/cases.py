@@ -378,6 +378,26 @@ def checkpoint_cases() -> list[Case]:
     return out
 
 
+def _model_and_processor(result: Any, env: Env) -> None:
+    model, processor = result
+    same_weights(model, env)
+    assert processor.tokenizer.decode(processor.tokenizer(" hello world").input_ids, skip_special_tokens=True
+                                      ).strip() == "hello world"
+
+
+def model_cases() -> list[Case]:
+    """The processor files beside the weights, loaded with the model (``model_refs.load``, what every command
+    does)."""
+    out = [Case("model/valid", "model", ckpt(lambda p: None), expect=_model_and_processor)]
+    for name, content in [("tokenizer.json", "{garbage"), ("tokenizer.json", "[]"), ("tokenizer.json", b"\xff\xfe\0"),
+                          ("tokenizer_config.json", "[1]"), ("tokenizer_config.json", ""),
+                          ("processor_config.json", "{"), ("processor_config.json", "[]"),
+                          ("processor_config.json", "[" * 100000)]:
+        cid = f"model/{name}-{(content if isinstance(content, str) else 'binary')[:8] or 'empty'}"
+        out.append(Case(cid, "model", ckpt(raw(name, content)), (name,)))
+    return out
+
+
 def _poison_file(path: Path) -> None:
     state = safetensors.torch.load_file(path)
     state[first_float(state, "decoder")].view(-1)[0] = float("nan")
@@ -730,7 +750,7 @@ def cli_cases() -> list[Case]:
 
 
 def all_cases() -> list[Case]:
-    cases = checkpoint_cases() + experiment_cases() + data_cases() + cli_cases()
+    cases = checkpoint_cases() + model_cases() + experiment_cases() + data_cases() + cli_cases()
     ids = [c.id for c in cases]
     assert len(ids) == len(set(ids)), sorted({i for i in ids if ids.count(i) > 1})
     return cases

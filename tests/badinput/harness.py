@@ -41,7 +41,7 @@ class Case:
     ``expect(result, env)`` asserts."""
 
     id: str
-    kind: str  # "checkpoint" | "experiment" | "data" | "cli"
+    kind: str  # "checkpoint" | "model" (model and processor) | "experiment" | "data" | "cli"
     make: Callable[[Any, Path], Any]
     names: tuple[str, ...] = ()
     expect: Callable[[Any, Any], None] | None = None
@@ -98,6 +98,12 @@ def _checkpoint(arg: Any) -> Any:
     return checkpoint.load(arg)
 
 
+def _model(arg: Any) -> Any:
+    from mla_registry import model_refs
+
+    return model_refs.load(str(arg))
+
+
 def _experiment(arg: Any) -> Any:
     from mla_registry import experiments
 
@@ -128,8 +134,8 @@ def _cli(args: list[str]) -> str:
     return result.output
 
 
-ACTIONS: dict[str, Callable[[Any], Any]] = {"checkpoint": _checkpoint, "experiment": _experiment, "data": _data,
-                                            "cli": _cli}
+ACTIONS: dict[str, Callable[[Any], Any]] = {"checkpoint": _checkpoint, "model": _model, "experiment": _experiment,
+                                            "data": _data, "cli": _cli}
 HANDLED = (MlaRegistryError, click.ClickException, CliFailed)
 
 

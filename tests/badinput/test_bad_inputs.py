@@ -46,7 +46,7 @@ def test_the_code_execution_payloads_are_live(tmp_path, monkeypatch):
 
 def test_there_are_enough_cases():
     assert len(CASES) >= 200
-    assert {c.kind for c in CASES} == {"checkpoint", "experiment", "data", "cli"}
+    assert {c.kind for c in CASES} == {"checkpoint", "model", "experiment", "data", "cli"}
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
