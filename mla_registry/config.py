@@ -171,7 +171,17 @@ def click_options(cls: type, exclude: tuple[str, ...] = ()) -> Callable:
     return decorate
 
 
+def flag_of(f: dataclasses.Field) -> str:
+    """The command-line flag of field ``f`` (what :func:`click_options` names it)."""
+    return (f.metadata.get("flags") or (f"--{f.name.replace('_', '-')}",))[0]
+
+
 def from_cli(cls: type, values: Mapping[str, Any], **extra: Any) -> Any:
-    """An instance of ``cls`` from the options :func:`click_options` added (plus ``extra`` fields)."""
-    names = {f.name for f in fields(cls)}
-    return from_mapping(cls, {**{k: v for k, v in values.items() if k in names}, **extra})
+    """An instance of ``cls`` from the options :func:`click_options` added (plus ``extra`` fields); a problem
+    names the option as it was typed (``--batch-size``), not the field."""
+    by_name = fields_by_name(cls)
+    mapping = {k: v for k, v in values.items() if k in by_name}
+    found = [(flag_of(by_name[k]), msg) for k, msg in problems(cls, mapping)]
+    if found:
+        raise KwargError("; ".join(f"{flag}: {msg}" for flag, msg in found))
+    return from_mapping(cls, {**mapping, **extra})

@@ -84,6 +84,10 @@ def check_output_dir(out: str | Path) -> None:
         return
     ours = {"predictions.jsonl", "metrics.json"}
     present = {p.name for p in out.iterdir()}
+    others = sorted(n for n in present - ours if not n.startswith("."))  # hidden: our temporaries
+    if others:  # the help promises a new, empty or previous evaluation's directory: never a working directory
+        raise DataError(f"--out {out}: holds files that are not an evaluation's ({', '.join(others[:5])}"
+                        f"{', ...' if len(others) > 5 else ''}); choose a new or empty directory")
     try:
         previous = json.loads((out / "metrics.json").read_text(encoding="utf-8")) if "metrics.json" in present else {}
     except (OSError, ValueError):

@@ -149,7 +149,10 @@ def _read_yaml(path: Path) -> tuple[Any, dict[str, int]]:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ExperimentError(f"{path}: not UTF-8 text (byte {exc.start}); is this a YAML file?") from None
-    loader = yaml.SafeLoader(text)
+    try:
+        loader = yaml.SafeLoader(text)  # its reader refuses control characters here, before any parsing
+    except yaml.YAMLError as exc:
+        raise ExperimentError(f"{path}: not valid YAML: {exc}") from None
     try:
         node = loader.get_single_node()
         lines = _lines(path, node)
@@ -205,10 +208,11 @@ class _Checker:
         self.path, self.lines, self.errors = path, lines, []
 
     def err(self, key: str, message: str) -> None:
-        line = self.lines.get(key)
-        while line is None and key:
-            key = key.rpartition(".")[0] if "." in key else ""
-            line = self.lines.get(key)
+        """Record ``message`` about ``key``, at the line of the key or (a missing key) of its nearest parent."""
+        line, parent = self.lines.get(key), key
+        while line is None and parent:
+            parent = re.sub(r"(\.[^.\[]*|\[\d+\])$", "", parent) if re.search(r"[.\[]", parent) else ""
+            line = self.lines.get(parent)
         self.errors.append(f"{self.path}:{line or 1}: {key or '(top level)'}: {message}")
 
     def section(self, cls: type, mapping: Any, where: str) -> dict[str, Any]:
@@ -330,12 +334,15 @@ def _check_model(c: _Checker, base_model: str, variants: list[Variant], decoding
     import torch
     from transformers import GenerationConfig, WhisperConfig, WhisperForConditionalGeneration
 
+    from .checkpoint_files import read_config
     from .model_refs import resolve
 
     try:
         where = resolve(base_model)
+        # a local directory's config.json is checked (dimensions, heads) before a model is built from it
+        config = read_config(Path(where)) if Path(where).is_dir() else WhisperConfig.from_pretrained(where)
         with torch.device("meta"):
-            model = WhisperForConditionalGeneration(WhisperConfig.from_pretrained(where))
+            model = WhisperForConditionalGeneration(config)
         if Path(where).is_dir() and (Path(where) / "generation_config.json").exists():
             model.generation_config = GenerationConfig.from_pretrained(where)
     except (MlaRegistryError, OSError, ValueError) as exc:
@@ -343,8 +350,9 @@ def _check_model(c: _Checker, base_model: str, variants: list[Variant], decoding
         return
     try:
         decoding.check_model(model)
-    except MlaRegistryError as exc:
-        c.err("decoding.max_new_tokens", str(exc))
+    except MlaRegistryError as exc:  # its message starts with the setting at fault: decoding.language=...
+        key = re.match(r"(decoding\.\w+)", str(exc))
+        c.err(key[1] if key else "decoding", str(exc))
     for i, v in enumerate(variants):
         for spec in v.attention:
             try:

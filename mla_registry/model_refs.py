@@ -47,13 +47,32 @@ def load_model(ref: str, device: str | torch.device = "cpu", dtype: torch.dtype 
     return model.to(device).eval()
 
 
+PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "processor_config.json", "preprocessor_config.json",
+                   "special_tokens_map.json", "added_tokens.json", "vocab.json")
+
+
 def load_processor(ref: str) -> WhisperProcessor:
-    """The processor (feature extractor + tokenizer) saved with the model behind ``ref``."""
+    """The processor (feature extractor + tokenizer) saved with the model behind ``ref``. A local directory's
+    JSON files are checked first (each must be a JSON object), so a broken one is named, not a traceback from
+    the tokenizer library."""
+    from .checkpoint_files import json_object
+    from .errors import CheckpointError
+
     where = resolve(ref)
+    if Path(where).is_dir():
+        for name in PROCESSOR_FILES:
+            if (Path(where) / name).exists():
+                try:
+                    json_object(Path(where) / name, "processor file")
+                except CheckpointError as exc:
+                    raise ModelRefError(f"model '{ref}': {exc}") from None
     try:
         return WhisperProcessor.from_pretrained(where)
     except OSError as exc:
         raise ModelRefError(f"model '{ref}': no processor files ({exc})") from None
+    except Exception as exc:  # noqa: BLE001 - valid JSON the tokenizer library still refuses: the files' fault
+        raise ModelRefError(f"model '{ref}': its processor files cannot be read: {type(exc).__name__}: "
+                            f"{' '.join(str(exc).split())[:300]}") from None
 
 
 def load(ref: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):

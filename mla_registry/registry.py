@@ -34,12 +34,15 @@ class Registry:
     broken: dict[str, str] = field(default_factory=dict)  # plugin name -> error message
 
     def get(self, name: str, package_hint: str | None = None) -> AttentionBuilder:
-        """The builder registered as ``name``, or a :class:`PluginError` naming it (and who would provide it)."""
+        """The builder registered as ``name``, or a :class:`PluginError` naming it (and the package a manifest
+        says provided it)."""
         try:
             return self.builders[name]
         except KeyError:
-            hint = f" It was provided by the package '{package_hint}': pip install {package_hint}." if (
-                package_hint) else ""
+            # the hint comes from a checkpoint's manifest: quote it as that file's claim, never as a command to
+            # run (a hostile manifest could name any package, or a shell line)
+            hint = (f" The checkpoint's manifest says it came from the package {package_hint!r} (its claim, not "
+                    "checked: install it only if you trust that package)." if package_hint else "")
             broken = f" Plugins that failed to load: {', '.join(self.broken)}." if self.broken else ""
             raise PluginError(
                 f"no attention plugin named '{name}' is installed (available: {', '.join(sorted(self.builders))})."

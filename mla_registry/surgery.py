@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -179,17 +180,36 @@ def rebuild(model: nn.Module, records: list[SlotRecord], where: str) -> None:
     """Swap in empty modules rebuilt from manifest ``records`` (the loader's half of :func:`replace_slots`):
     each record's kwargs are validated and checked against its slot, as at conversion."""
     slots = {s.path: s for s in whisper.slots(model)}
+    warned: set[str] = set()
     for i, rec in enumerate(records):
         at = f"{where}: slots[{i}] ({rec.slot})"
         slot = slots.get(rec.path)
         if slot is None:
             raise SlotError(f"{at}: the model has no attention slot at path {rec.path!r}")
-        builder = get_builder(rec.plugin, package_hint=rec.package.split(" ")[0] or None)
+        builder = get_builder(rec.plugin, package_hint=rec.package or None)
+        if rec.plugin not in warned and _newer(rec.plugin_version, builder.version):
+            warned.add(rec.plugin)
+            warnings.warn(f"{at}: written by plugin '{rec.plugin}' version {rec.plugin_version}, newer than the "
+                          f"installed {builder.version} ({builder.package}); the module it rebuilds may differ "
+                          "from the one saved: upgrade the plugin's package", PluginVersionWarning, stacklevel=3)
         kwargs = checked_kwargs(builder, rec.kwargs, [slot], where=at)
         module = builder.build(slot, **builder.build_kwargs(kwargs))
         ref = next(model.get_submodule(slot.path).parameters())
         replace_module(model, slot.path, module.to(dtype=ref.dtype))
     lineage.of(model).slots = list(records)
+
+
+class PluginVersionWarning(UserWarning):
+    """A checkpoint was written by a newer version of a plugin than the one installed."""
+
+
+def _newer(recorded: str, installed: str) -> bool:
+    """Whether plugin version ``recorded`` is newer than ``installed``, both dotted numbers (``2``, ``1.4.0``);
+    other forms are not compared (the kwargs checks still guard the rebuild)."""
+    pattern = re.compile(r"\d{1,9}(?:\.\d{1,9}){0,5}")
+    if not (pattern.fullmatch(recorded or "") and pattern.fullmatch(installed or "")):
+        return False
+    return tuple(map(int, recorded.split("."))) > tuple(map(int, installed.split(".")))
 
 
 # --- labels ---------------------------------------------------------------------------------------------------

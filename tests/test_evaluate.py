@@ -78,10 +78,20 @@ def test_speed_and_cache_figures(bundled, tmp_path):
 
 def test_check_output_dir(tmp_path):
     evaluate.check_output_dir(tmp_path / "new")
-    (tmp_path / "mine.txt").write_text("x")
-    evaluate.check_output_dir(tmp_path)  # other files are left alone: only ours are written
+    evaluate.check_output_dir(tmp_path)  # empty
+    (tmp_path / "metrics.json").write_text('{"normalizer": "whisper-english"}')
+    (tmp_path / "predictions.jsonl").write_text("")
+    evaluate.check_output_dir(tmp_path)  # a previous evaluation's
     (tmp_path / "predictions.jsonl").write_text("their data")
+    (tmp_path / "metrics.json").write_text("{}")
     with pytest.raises(DataError, match="did not write"):
+        evaluate.check_output_dir(tmp_path)
+
+
+def test_an_output_directory_holding_other_files_is_refused(tmp_path):
+    """``--out .`` in a working directory: evaluation's files are never mixed into someone's folder."""
+    (tmp_path / "thesis.tex").write_text("x")
+    with pytest.raises(DataError, match=r"thesis\.tex.*new or empty"):
         evaluate.check_output_dir(tmp_path)
 
 

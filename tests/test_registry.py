@@ -69,10 +69,11 @@ def test_two_plugins_claiming_one_name(install_plugin):
     assert "'mla'" in str(err.value) and "tp-dup" in str(err.value) and "mla-registry" in str(err.value)
 
 
-def test_missing_plugin_names_it_and_its_package():
+def test_missing_plugin_names_it_and_quotes_the_manifests_package_as_a_claim():
     registry.reset()
-    with pytest.raises(PluginError, match=r"no attention plugin named 'fancy'.*pip install fancy-attn"):
+    with pytest.raises(PluginError, match=r"no attention plugin named 'fancy'.*manifest says .*'fancy-attn'") as err:
         registry.get_builder("fancy", package_hint="fancy-attn")
+    assert "pip install" not in str(err.value)  # a manifest's words are never offered as a command to run
 
 
 def test_a_hook_that_does_not_match_the_hookspec_is_a_warning_not_a_crash(install_plugin):

@@ -47,8 +47,8 @@ __all__ = ["SAMPLE_RATE", "Utterance", "describe", "fingerprint", "fingerprint_o
 
 
 def _check_limit(limit: int | None) -> None:
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
-        raise DataError(f"limit must be a non-negative integer or None, got {limit!r}")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise DataError(f"limit must be a positive integer or None (0 utterances is no test set), got {limit!r}")
 
 
 def load(ref: str, *, limit: int | None = None, skip_bad: bool = False, quiet: bool = False,

@@ -23,6 +23,9 @@ from mla_registry.storage import cache_dir
 from .utterance import SAMPLE_RATE, Utterance
 
 SILENCE_PEAK = 1e-4
+# Shorter than one 10 ms mel hop times ten is no utterance: Whisper's hypothesis for it would be scored as if it
+# were one (a 1-sample file used to be accepted and transcribed)
+MIN_SECONDS = 0.1
 TEXT_COLUMNS = ("transcription", "text", "sentence", "normalized_text")
 
 
@@ -100,6 +103,9 @@ def check_audio(samples: np.ndarray) -> str | None:
     """Why ``samples`` is unusable (empty, non-finite, silent), or None when it is fine."""
     if samples.size == 0:
         return "empty (zero samples)"
+    if samples.size < MIN_SECONDS * SAMPLE_RATE:
+        return (f"too short to be an utterance ({samples.size} samples, {samples.size / SAMPLE_RATE * 1000:.1f} ms; "
+                f"at least {MIN_SECONDS} s)")
     if not np.all(np.isfinite(samples)):
         return "contains NaN or infinite samples"
     peak = float(np.max(np.abs(samples)))
@@ -159,13 +165,15 @@ def rows_to_utterances(
     skip_bad: bool = False,
     quiet: bool = False,
     lazy: bool = False,
+    allow_empty: bool = False,
 ) -> list[Utterance]:
     """Decode the rows of a ``datasets`` Dataset (or IterableDataset) whose ``audio_col`` is cast to
     :func:`target_feature` into Utterances. ``ids`` gives the id per row, else ``id_of(row, index)``.
 
     ``lazy``: read ids and transcripts now and each file's audio only when it is asked for (a bad file is then a
     DataError at that point, naming it). Streamed datasets and ``skip_bad`` (which must read every file to find
-    the bad ones) are read eagerly."""
+    the bad ones) are read eagerly. No usable row is a DataError, except with ``allow_empty`` (one rank's share
+    of a streamed dataset may be empty)."""
     from datasets import Audio
     from tqdm.auto import tqdm
 
@@ -230,8 +238,11 @@ def rows_to_utterances(
             )
     finally:
         bar.close()
+    shown = ", ".join(bad[:10]) + (f", ... ({len(bad) - 10} more)" if len(bad) > 10 else "")
+    if not out and not allow_empty:  # an empty test set would score as WER 0: never a result
+        raise DataError(f"{ref}: every one of its {len(bad)} audio files is bad (skipped: {shown}); no utterance "
+                        "is left" if bad else f"{ref}: lists no utterances")
     if bad:
-        shown = ", ".join(bad[:10]) + (f", ... ({len(bad) - 10} more)" if len(bad) > 10 else "")
         warnings.warn(f"{ref}: skipped {len(bad)} bad audio file(s): {shown}", stacklevel=3)
     return out
 
@@ -278,13 +289,18 @@ def _check_metadata(ref: str, root: Path) -> list[str]:
     columns: list[str] = []
     for meta in found:
         try:
-            with open(meta, newline="", encoding="utf-8") as f:
-                header = next(csv.reader(f), [])
+            # utf-8-sig: spreadsheets save CSV with a byte-order mark, which would glue itself to the first column
+            with open(meta, newline="", encoding="utf-8-sig") as f:
+                reader = csv.reader(f)
+                header = next(reader, [])
+                rows = sum(1 for row in reader if any(cell.strip() for cell in row))
         except (OSError, UnicodeDecodeError) as e:
             raise DataError(f"{ref}: cannot read {meta}: {e}") from e
         for col in ("file_name", "transcription"):
             if col not in header:
                 raise DataError(f"{ref}: {meta} has no {col!r} column (columns: {', '.join(header) or 'none'})")
+        if not rows:
+            raise DataError(f"{ref}: {meta} lists no audio files (a header and no rows)")
         columns = header
     return columns
 
@@ -338,7 +354,7 @@ def load_audiofolder(
 def read_csv_rows(ref: str, path: str) -> tuple[list[str], list[dict[str, str]]]:
     """Header and rows of a dataset CSV, checked for ``file_name`` and ``transcription`` columns."""
     try:
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not a column name
             reader = csv.DictReader(f)
             rows = list(reader)
             header = list(reader.fieldnames or [])
@@ -350,6 +366,8 @@ def read_csv_rows(ref: str, path: str) -> tuple[list[str], list[dict[str, str]]]
     for i, row in enumerate(rows):
         if not row.get("file_name"):
             raise DataError(f"{ref}: CSV {path} line {i + 2}: empty file_name")
+    if not rows:
+        raise DataError(f"{ref}: CSV {path} lists no audio files (a header and no rows)")
     return header, rows
 
 
@@ -479,7 +497,7 @@ def load_hf(
         ref, ds, audio_col=audio_col, text_col=text_col, id_of=id_of, voice_col=voice_col,
         source_col="source" if "source" in cols else None,
         default_source=os.path.basename(name.rstrip("/")) + (f"/{opts['config']}" if opts["config"] else ""),
-        limit=limit, skip_bad=skip_bad, quiet=quiet, lazy=lazy,
+        limit=limit, skip_bad=skip_bad, quiet=quiet, lazy=lazy, allow_empty=sharded,
     )
     if voice_col == "speaker_id":
         for u in utts:

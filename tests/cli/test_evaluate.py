@@ -24,8 +24,8 @@ def test_evaluate_prints_and_writes(invoke, tiny_base, tmp_path):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--batch-size", "0"], "batch_size"), (["--batch-size", "-1"], "batch_size"), (["--beams", "0"], "num_beams"),
-    (["--max-new-tokens", "0"], "max_new_tokens"), (["--max-new-tokens", "100000"], "max_new_tokens"),
+    (["--batch-size", "0"], "--batch-size: 0"), (["--batch-size", "-1"], "--batch-size"), (["--beams", "0"], "--beams"),
+    (["--max-new-tokens", "0"], "--max-new-tokens"), (["--max-new-tokens", "100000"], "--max-new-tokens: 100000"),
     (["--max-new-tokens", "447"], "446 after its prompt"), (["--limit", "0"], "--limit"),
     (["--device", "cuda"], "no CUDA GPU"), (["--device", "quantum"], "not a torch device"),
     (["--format", "nosuch"], "--format"), (["--batch-size", "many"], "--batch-size"),
@@ -46,7 +46,8 @@ def test_nothing_to_evaluate_is_an_error(invoke, tiny_base, tmp_path):
     sf.write(d / "silent.wav", np.zeros(16000, dtype=np.float32), 16000)
     (d / "metadata.csv").write_text("file_name,transcription\nsilent.wav,nothing here\n")
     result = invoke("evaluate", "--model", tiny_base, "--data", d, "--skip-bad", "--quiet")
-    assert result.exit_code == 1 and "nothing to evaluate" in result.output
+    assert result.exit_code == 1 and "every one of its 1 audio files is bad" in result.output, result.output
+    assert "silent.wav" in result.output
 
 
 def test_an_output_directory_of_someone_elses_files_is_refused(invoke, tiny_base, tmp_path):
