@@ -9,10 +9,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .. import model_refs
 from ..atomic import atomic_dir, write_json
 from ..errors import ExportError, InstallError
-from .stock import CACHE_NOTE, write_stock
+from .stock import CACHE_NOTE, load_stock, write_stock
 
 QUANTIZATIONS = ("float32", "int8", "int8_float32", "float16", "int8_float16", "bfloat16")
 # what CTranslate2's Whisper needs beside model.bin to turn features and tokens into text
@@ -36,11 +35,11 @@ def export_ctranslate2(ckpt: Path, out: Path, quantization: str = "float32") -> 
     ct2 = _ctranslate2()
     from .core import PROVENANCE, provenance
 
-    model, processor = model_refs.load(str(ckpt))
+    stock, processor = load_stock(ckpt)
     info = provenance(ckpt, "ctranslate2", {"cache": CACHE_NOTE, "quantization": quantization,
                                             "ctranslate2": ct2.__version__})
     with tempfile.TemporaryDirectory(prefix="mla-registry-stock-") as stock_dir, atomic_dir(out) as tmp:
-        write_stock(model, processor, Path(stock_dir))
+        write_stock(stock, processor, Path(stock_dir))
         converter = ct2.converters.TransformersConverter(stock_dir, low_cpu_mem_usage=False)
         # the converter writes into a directory of its own: a subfolder of the atomic one, then moved up
         target = tmp / "ct2"

@@ -55,21 +55,27 @@ def stock_model(model: nn.Module) -> WhisperForConditionalGeneration:
     return stock.eval()
 
 
-def write_stock(model: nn.Module, processor, out: Path) -> None:
-    """Save ``model`` as a stock directory (config, generation config, safetensors, processor files) at ``out``
-    (not atomic: callers write into a temporary directory)."""
-    stock = stock_model(model)
+def write_stock(stock: WhisperForConditionalGeneration, processor, out: Path) -> None:
+    """Save a stock model (config, generation config, safetensors, processor files) at ``out`` (not atomic:
+    callers write into a temporary directory)."""
     stock.save_pretrained(out, safe_serialization=True)
     processor.save_pretrained(out)
+
+
+def load_stock(ckpt: Path) -> tuple[WhisperForConditionalGeneration, Any]:
+    """The stock model of checkpoint ``ckpt`` and its processor; a plugin without a stock form refuses before
+    anything else is read."""
+    stock = stock_model(model_refs.load_model(str(ckpt)))
+    return stock, model_refs.load_processor(str(ckpt))
 
 
 def export_transformers(ckpt: Path, out: Path) -> dict[str, Any]:
     """Write the stock directory and its provenance to ``out`` atomically."""
     from .core import PROVENANCE, provenance
 
-    model, processor = model_refs.load(str(ckpt))
+    stock, processor = load_stock(ckpt)
     info = provenance(ckpt, "transformers", {"cache": CACHE_NOTE})
     with atomic_dir(out) as tmp:
-        write_stock(model, processor, tmp)
+        write_stock(stock, processor, tmp)
         write_json(tmp / PROVENANCE, info)
     return info
