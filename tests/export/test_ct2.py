@@ -1,7 +1,7 @@
 """``--to ctranslate2``: CTranslate2's converter on the stock export, decoded by CTranslate2's own
 ``Whisper.generate``. Tolerance: CTranslate2's kernels sum in another order than PyTorch, so a near-tie between
-two tokens may break the other way; at most one of the four clips may differ (measured on all 57 clips of
-builtin:real in the README: see "Export and deploy")."""
+two tokens may break the other way, so one of the four clips may differ (on all 57 clips of builtin:real none
+did: README, "Export and deploy")."""
 
 from __future__ import annotations
 
