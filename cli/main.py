@@ -43,9 +43,9 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from . import convert, evaluate, finetune, import_ct2, plugins, report, run, selftest
+    from . import convert, evaluate, export, finetune, import_ct2, plugins, report, run, selftest
 
-    for module in (plugins, import_ct2, convert, finetune, evaluate, run, report, selftest):
+    for module in (plugins, import_ct2, convert, finetune, evaluate, export, run, report, selftest):
         cli.add_command(module.command)
 
 

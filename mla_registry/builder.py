@@ -4,7 +4,9 @@ A builder (one per attention-type name) can
 - ``convert(original, slot, context, **kwargs)``: make its module from a pretrained attention module,
   carrying or factorising the weights;
 - ``build(slot, **kwargs)``: make the same module with uninitialised weights, from the kwargs a checkpoint
-  recorded, so the loader can rebuild the architecture before ``load_state_dict(strict=True)``.
+  recorded, so the loader can rebuild the architecture before ``load_state_dict(strict=True)``;
+- optionally ``to_stock(module, slot)``: the module's weights as stock attention (export to plain
+  transformers and CTranslate2); the default refuses.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from .errors import KwargError
+from .errors import ExportError, KwargError
 
 _MISSING = object()
 
@@ -189,6 +191,16 @@ class AttentionBuilder:
     def convert(self, original: nn.Module, slot: Slot, context: ConversionContext | None,
                 **kwargs: Any) -> nn.Module:
         raise NotImplementedError  # pragma: no cover - abstract
+
+    def to_stock(self, module: nn.Module, slot: Slot) -> dict[str, torch.Tensor]:
+        """``module``'s weights as the state dict of the host's stock attention (Whisper: ``q_proj``, ``k_proj``
+        (no bias), ``v_proj``, ``out_proj``, each ``embed_dim x embed_dim``), for ``mla-registry export --to
+        transformers``/``ctranslate2``. Only exact re-expressions belong here: a plugin whose module is not
+        stock attention in other coordinates keeps this default, which refuses."""
+        raise ExportError(f"attention '{self.name}' ({self.package or type(self).__module__}) at slot {slot.name}: "
+                          "this plugin has no stock-attention form (its builder does not implement to_stock()), so "
+                          "the checkpoint cannot be exported as a plain transformers or CTranslate2 model; "
+                          "--to onnx keeps the plugin's own modules")
 
 
 def checked_kwargs(builder: AttentionBuilder, kwargs: Mapping[str, Any], slots: list[Slot], where: str

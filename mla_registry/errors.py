@@ -39,3 +39,7 @@ class HostInterfaceError(MlaRegistryError):
 
 class InstallError(MlaRegistryError):
     """A dependency is missing or cannot load (an installation problem, never the user's data)."""
+
+
+class ExportError(MlaRegistryError):
+    """A checkpoint cannot be written in the format asked for (a plugin with no stock form, a missing runtime)."""

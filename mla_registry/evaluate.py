@@ -235,6 +235,20 @@ def summarise(records: list[dict[str, Any]], language: str | None = None) -> dic
             "by_source": scoring.by_group(records, "source"), "normalizer": normalize.for_language(language)[1]}
 
 
+def _transcribe_with(model, processor, utts, settings, encoder_outputs, quiet) -> tuple[list[str], dict[str, Any]]:
+    """A PyTorch model through :func:`transcribe`; an exported model's runtime (an
+    :class:`~mla_registry.export.backends.ExportedBackend`: ONNX Runtime, CTranslate2) through its own loop."""
+    if isinstance(model, nn.Module):
+        return transcribe(model, processor, utts, settings, encoder_outputs, quiet)
+    return model.transcribe(processor, utts, settings, quiet=quiet)
+
+
+def _model_facts(model) -> dict[str, Any]:
+    if isinstance(model, nn.Module):
+        return {"parameters": sum(p.numel() for p in model.parameters()), "attention": describe(model)}
+    return {"backend": model.describe()}
+
+
 def evaluate(model: nn.Module, processor, utts: list[Utterance], settings: DecodeSettings = DecodeSettings(),
              out_dir: str | Path | None = None, encoder_outputs: EncoderOutputs | None = None,
              quiet: bool = False, extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -242,7 +256,7 @@ def evaluate(model: nn.Module, processor, utts: list[Utterance], settings: Decod
     An empty test set is an error: a WER over nothing is not a number."""
     if not utts and not getattr(utts, "sharded", False):
         raise DataError("the test set has no utterances: there is nothing to evaluate")
-    hyps, stats = transcribe(model, processor, utts, settings, encoder_outputs, quiet)
+    hyps, stats = _transcribe_with(model, processor, utts, settings, encoder_outputs, quiet)
     records = records_for(utts, hyps, settings.language)
     if getattr(utts, "sharded", False):  # streamed shards: gather the records and timings of every rank
         parts = distributed.gather((records, stats))
@@ -256,8 +270,7 @@ def evaluate(model: nn.Module, processor, utts: list[Utterance], settings: Decod
     metrics = {
         **summarise(records, settings.language),
         "decoding": asdict(settings),
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "attention": describe(model),
+        **_model_facts(model),
         **stats,
         **(extra or {}),
     }

@@ -100,6 +100,18 @@ class GqaBuilder(AttentionBuilder):
         module.to(dtype=state["q_proj.weight"].dtype).load_state_dict(state, strict=True)
         return module
 
+    def to_stock(self, module: GroupedQueryAttention, slot: Slot) -> dict[str, torch.Tensor]:
+        """Each pooled K/V head repeated over the query heads of its group: stock attention whose heads of a
+        group share K and V, so outputs are unchanged (exact; the cache saving is lost)."""
+        groups = module.num_heads // module.kv_heads
+        state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        for name in ("k_proj.weight", "v_proj.weight", "v_proj.bias"):
+            if name in state:
+                t = state[name]
+                state[name] = t.reshape(module.kv_heads, module.head_dim, *t.shape[1:]).repeat_interleave(
+                    groups, dim=0).reshape(module.embed_dim, *t.shape[1:])
+        return state
+
 
 @hookimpl
 def register_attention(register: Any) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 from mla_registry.builder import AttentionBuilder, ConversionContext, Equivalence, Slot
@@ -45,6 +46,10 @@ class MhaBuilder(AttentionBuilder):
         module = self.build(slot, **kwargs).to(dtype=original.q_proj.weight.dtype)
         module.load_state_dict({k: v.detach().cpu() for k, v in original.state_dict().items()}, strict=True)
         return module
+
+    def to_stock(self, module: MultiHeadAttention, slot: Slot) -> dict[str, torch.Tensor]:
+        """The weights as they are: the parameter names are ``WhisperAttention``'s."""
+        return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
 @hookimpl

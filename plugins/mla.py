@@ -199,6 +199,20 @@ class MlaBuilder(AttentionBuilder):
         module.to(dtype=dtype).load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True)
         return module
 
+    def to_stock(self, module: MultiHeadLatentAttention, slot: Slot) -> dict[str, torch.Tensor]:
+        """K and V re-expanded: ``W_k = k_up . kv_down``, ``W_v = v_up . kv_down`` (products in float64, then
+        the module's dtype), V's bias kept. Exact up to rounding: the latent is linear and carries no bias, so
+        ``k_up(kv_down(x)) == W_k x``; the cache becomes full K/V again (2 * embed_dim per token)."""
+        down = module.kv_down.weight.detach().double()
+        dtype = module.kv_down.weight.dtype
+        state = {k: v.detach().clone() for k, v in module.state_dict().items() if k.startswith(("q_proj.",
+                                                                                              "out_proj."))}
+        state["k_proj.weight"] = (module.k_up.weight.detach().double() @ down).to(dtype)
+        state["v_proj.weight"] = (module.v_up.weight.detach().double() @ down).to(dtype)
+        if module.v_up.bias is not None:
+            state["v_proj.bias"] = module.v_up.bias.detach().clone()
+        return state
+
 
 @hookimpl
 def register_attention(register: Any) -> None:

@@ -57,6 +57,18 @@ def test_readme_plugin_is_listed_converted_saved_and_reloaded(install_plugin, ti
         again = reloaded.generate(feats, max_new_tokens=6)
     assert torch.equal(out.sequences[:, -again.shape[1]:], again)  # generate() alone drops the prompt
 
+    # export: no stock form (the example keeps to_stock()'s default), so the stock formats refuse by name
+    from mla_registry.errors import ExportError
+    from mla_registry.export import export
+
+    for fmt in ("transformers", "ctranslate2"):
+        try:
+            export(tmp_path / "mqa", fmt, tmp_path / f"mqa-{fmt}")
+        except ExportError as exc:
+            assert "attention 'mqa' (mla-registry-mqa 1.0)" in str(exc) and "to_stock" in str(exc)
+        else:
+            raise AssertionError(f"--to {fmt} must refuse a plugin without a stock form")
+
     # without the plugin installed, the error names the plugin and quotes the package the manifest claims
     # (as the manifest's claim: never a pip command built from a checkpoint's words)
     registry.reset()
