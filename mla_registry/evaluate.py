@@ -22,7 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.modeling_outputs import BaseModelOutput
 
-from . import distributed, kvcache, normalize, scoring, whisper
+from . import decoding, distributed, kvcache, normalize, scoring, whisper
 from .atomic import write_json, write_text
 from .config import between, setting
 from .data import SAMPLE_RATE, Utterance
@@ -48,6 +48,9 @@ class DecodeSettings:
                                    "per utterance; English-only models transcribe English)")
     task: str = setting("transcribe", "transcribe, or translate into English (multilingual models)",
                         choices=whisper.TASKS)
+    decoder: str = setting("loop", "greedy windows through mla-registry's decoding loop (same tokens as generate, "
+                           "less per-step overhead), or through transformers' generate; beam search and long-form "
+                           "audio always use generate", choices=decoding.DECODERS)
 
     def __post_init__(self) -> None:
         from .config import check
@@ -63,6 +66,10 @@ class DecodeSettings:
             if self.language is not None:
                 out["language"] = self.language
         return out
+
+    def uses_loop(self) -> bool:
+        """Whether windows of <= 30 s decode through :func:`mla_registry.decoding.greedy` (greedy only)."""
+        return self.decoder == "loop" and self.num_beams == 1
 
     def check_model(self, model: nn.Module) -> None:
         """Refuse settings the model cannot honour: a language or task it does not know, more positions than
@@ -128,6 +135,18 @@ def _long_form(model: nn.Module, processor, utt: Utterance, settings: DecodeSett
     return text, {"decode_seconds": seconds, "generated_tokens": int(out.shape[-1])}
 
 
+def _decode_window(model: nn.Module, hidden: torch.Tensor, settings: DecodeSettings,
+                   step: decoding.DecoderStep | None) -> tuple[torch.Tensor, kvcache.KvBytes]:
+    """Token sequences (prompt included) of one window's encoder output, and the KV cache held per sample:
+    through the decoding loop when ``step`` is given (greedy), else through ``generate()``."""
+    if step is not None:
+        res = decoding.greedy(model, hidden, settings.max_new_tokens, settings.language, settings.task, step=step)
+        return res.sequences, res.kv
+    out = model.generate(encoder_outputs=BaseModelOutput(last_hidden_state=hidden), return_dict_in_generate=True,
+                         **settings.generate_kwargs(model))
+    return out.sequences, kvcache.measure(getattr(out, "past_key_values", None))
+
+
 @torch.no_grad()
 def transcribe(model: nn.Module, processor, utts: list[Utterance], settings: DecodeSettings = DecodeSettings(),
                encoder_outputs: EncoderOutputs | None = None, quiet: bool = False,
@@ -141,6 +160,7 @@ def transcribe(model: nn.Module, processor, utts: list[Utterance], settings: Dec
     ordered transcripts.
     """
     settings.check_model(model)
+    threads = decoding.configure_threads()
     limit_heap_growth()  # peak memory must not creep up with the number of batches (see process_memory)
     param = next(model.parameters())
     fp = encoder_fingerprint(model) if encoder_outputs is not None else ""
@@ -154,6 +174,7 @@ def transcribe(model: nn.Module, processor, utts: list[Utterance], settings: Dec
     kv, kv_utts = kvcache.KvBytes(), 0
     prompt = len(whisper.prompt_ids(model, settings.language, settings.task))
     eos = _eos(model)
+    step = decoding.DecoderStep(model) if settings.uses_loop() else None
     bar = tqdm(total=sum(len(windows[k]) for k in mine), desc=desc, disable=quiet, unit="utt")
     for k in mine:
         batch = [utts[i] for i in windows[k]]
@@ -175,14 +196,12 @@ def transcribe(model: nn.Module, processor, utts: list[Utterance], settings: Dec
                 hidden = model.get_encoder()(feats).last_hidden_state
                 seconds = time.perf_counter() - t0
             t1 = time.perf_counter()
-            out = model.generate(encoder_outputs=BaseModelOutput(last_hidden_state=hidden),
-                                 return_dict_in_generate=True, **settings.generate_kwargs(model))
+            sequences, held = _decode_window(model, hidden, settings, step)
             stats["decode_seconds"] += time.perf_counter() - t1
             stats["encoder_seconds"] += seconds
-            stats["generated_tokens"] += _count_tokens(out.sequences[:, prompt:], eos)
-            held = kvcache.measure(getattr(out, "past_key_values", None))
+            stats["generated_tokens"] += _count_tokens(sequences[:, prompt:], eos)
             kv, kv_utts = kv + kvcache.KvBytes(*(x * len(short) for x in held.astuple())), kv_utts + len(short)
-            texts = processor.tokenizer.batch_decode(out.sequences, skip_special_tokens=True)
+            texts = processor.tokenizer.batch_decode(sequences, skip_special_tokens=True)
             done.update({i: t.strip() for (i, _), t in zip(short, texts)})
         for i, u in zip(windows[k], batch):
             if not fits_window(u):
@@ -210,6 +229,7 @@ def transcribe(model: nn.Module, processor, utts: list[Utterance], settings: Dec
                  kv_cross_bytes_per_utterance=kv_all.cross_per_utterance / n)
     total.update(speed(total))
     total["peak_rss_bytes"] = peak_rss_bytes()
+    total["torch_threads"] = threads
     return hyps, total
 
 

@@ -1,5 +1,6 @@
-"""Smoke test of bench/decode.py: every code path (forced and natural decoding, step clock, cache and floor
-figures, peak memory, ratios, CTranslate2 row, table, JSON) on the bundled model with tiny sizes."""
+"""bench/decode.py on the bundled model with tiny sizes: every code path (both decoders, forced and natural
+decoding, step clock, cache and floor figures, peak memory, ratios, end-to-end and CTranslate2 rows, table,
+JSON), with assertions on the figures themselves."""
 
 from __future__ import annotations
 
@@ -36,30 +37,52 @@ def test_variant_parsing(tmp_path):
 
 
 def test_benchmark_smoke(tmp_path, capsys):
+    """Tiny sizes through every code path; what is asserted is what a regression would break: the loop's tokens
+    equal generate()'s, ratios are the ratios of the rows they name, the caches are the sizes the plugins
+    promise, the floor is bytes over bandwidth, end-to-end rows decode every clip, no machine path is printed."""
     bench = load_bench()
     out = tmp_path / "bench.json"
     report = bench.main([
         "--batch-sizes", "1,2", "--steps", "3", "--reps", "1", "--natural-max", "4", "--clips", "2",
-        "--threads", "1", "--quiet", "--json", str(out),
+        "--e2e-clips", "3", "--e2e-batch-sizes", "1,2", "--threads", "1", "--quiet", "--json", str(out),
         "--variant", "stock", "--variant", "gqa2=decoder.*=gqa:kv_heads=2",
         "--variant", "mla=decoder.*=mla:rank=32,init=svd",
     ])
     printed = capsys.readouterr().out
-    assert "step/floor" in printed and "gqa2" in printed
     assert json.loads(out.read_text())["results"]
-    rows = {(r["variant"], r["batch"]): r for r in report["results"]}
+    rows = {(r["variant"], r["decoder"], r["batch"]): r for r in report["results"]}
     for name in ("stock", "gqa2", "mla"):
         for batch in (1, 2):
-            r = rows[(name, batch)]
-            assert r["forced_steps"] == 3 and r["forced_tok_s"] > 0 and r["ms_per_step"] > 0
-            assert r["floor_ms"] > 0 and r["step_over_floor"] > 0 and r["natural_tokens"] >= batch
-            assert r["peak_memory_bytes"] is not None
-    stock, mla = rows[("stock", 2)], rows[("mla", 2)]
-    assert stock["forced_vs_stock"] == 1.0
+            loop, gen = rows[(name, "loop", batch)], rows[(name, "generate", batch)]
+            assert loop["tokens_match_generate"] is True, (name, batch)
+            for r in (loop, gen):
+                assert r["forced_steps"] == 3 and r["natural_tokens"] >= batch and r["peak_memory_bytes"] is not None
+                assert r["floor_ms"] == pytest.approx(1e3 * r["step_bytes"] / (
+                    report["machine"]["memory_bandwidth_gb_s"] * 1e9))
+                assert r["step_bytes"] > r["weight_bytes"] + r["kv_cross_bytes_per_utterance"] * batch - 1
+            # both decoders hold the same cache (the loop reports it per sample, generate's is measured at the end)
+            assert loop["kv_cross_bytes_per_utterance"] == gen["kv_cross_bytes_per_utterance"]
+            assert loop["kv_self_bytes_per_token"] == pytest.approx(gen["kv_self_bytes_per_token"])
+            assert loop["loop_vs_generate"] == pytest.approx(loop["forced_tok_s"] / gen["forced_tok_s"])
+            stock = rows[("stock", "loop", batch)]
+            assert loop["forced_vs_stock"] == pytest.approx(loop["forced_tok_s"] / stock["forced_tok_s"])
+    stock, mla = rows[("stock", "loop", 2)], rows[("mla", "loop", 2)]
     # the cache really held: MLA rank 32 caches 32 values per token where MHA caches 2 * 384
     assert mla["kv_cross_bytes_per_utterance"] * 24 == stock["kv_cross_bytes_per_utterance"]
+    assert rows[("gqa2", "loop", 2)]["kv_cross_bytes_per_utterance"] * 3 == stock["kv_cross_bytes_per_utterance"]
     assert mla["max_batch_in_budget"] > stock["max_batch_in_budget"]
-    if "ctranslate2" in {v for v, _ in rows}:
-        assert rows[("ctranslate2", 2)]["forced_steps"] == 3
+    e2e = {(r["variant"], r["decoder"], r["batch"]): r for r in report["end_to_end"]}
+    assert {k[:2] for k in e2e} >= {("stock", "loop"), ("stock", "generate"), ("gqa2", "loop"), ("mla", "loop")}
+    for r in e2e.values():
+        assert r["utterances"] == 3 and r["tokens"] >= 3
+        assert r["utt_s"] == pytest.approx(3 / (r["encoder_s"] + r["decode_s"]))
+    for batch in (1, 2):  # same tokens, so the same count, through either decoder
+        assert e2e[("stock", "loop", batch)]["tokens"] == e2e[("stock", "generate", batch)]["tokens"]
+    assert [t["target"] for t in report["targets"]] and "Targets" in printed and "End to end" in printed
+    assert str(Path(__file__).resolve().parents[1]) not in printed  # no machine path in what gets pasted
+    if any(r["variant"] == "ctranslate2" for r in report["results"]):
+        assert rows[("ctranslate2", "ctranslate2", 2)]["forced_steps"] == 3
+        ct2 = e2e[("ctranslate2", "ctranslate2", 2)]
+        assert ct2["same_tokens_as_stock_loop"] == 3 and "vs_ct2" in e2e[("stock", "loop", 2)]
     else:
         assert any("CTranslate2 row skipped" in n for n in report["notes"])

@@ -1,0 +1,87 @@
+"""A self-attention cache allocated once for the whole decode, speaking transformers' cache protocol.
+
+``DynamicLayer.update`` concatenates: every step copies the whole cached prefix of every layer into a new
+tensor (and allocates it). :class:`PreallocatedLayer` writes the step's keys and values into a buffer sized for
+the prompt plus ``max_new_tokens`` at allocation, and hands back the filled prefix as a *view* of that buffer.
+Attention modules see exactly what a ``DynamicLayer`` would give them (same shapes, same values, no mask to
+apply), so the host's ``WhisperAttention`` and every plugin module work unchanged through ``cache.update``.
+
+What a module may rely on (the plugin guide in README.md repeats it): the tensors ``update`` returns are the
+cached prefix, ``[B, heads, T, D]`` for whatever ``heads``/``D`` the module stores (MLA stores ``[B, 1, T, rank]``
+and a zero-width value), possibly non-contiguous along the batch axis, and must not be written in place.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, EncoderDecoderCache
+
+
+class PreallocatedLayer(DynamicLayer):
+    """A ``DynamicLayer`` whose storage is one buffer of ``capacity`` positions, filled in place.
+
+    ``keys``/``values`` always name the filled prefix (a view), so everything that reads a dynamic layer
+    (``get_seq_length``, mask sizes, :func:`mla_registry.kvcache.measure`) reads this one the same way."""
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__()
+        self.capacity = capacity
+        self.length = 0
+        self._k: torch.Tensor | None = None
+        self._v: torch.Tensor | None = None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Allocate both buffers from the first call's shapes (the module decides what it stores)."""
+        self.device = key_states.device
+        self._k = key_states.new_empty((*key_states.shape[:-2], self.capacity, key_states.shape[-1]))
+        self._v = value_states.new_empty((*value_states.shape[:-2], self.capacity, value_states.shape[-1]))
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Write the new positions after the filled ones; return the filled prefix (views, no copy)."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        new = key_states.shape[-2]
+        end = self.length + new
+        if end > self.capacity:
+            raise RuntimeError(f"preallocated cache holds {self.capacity} positions; step {end} is beyond it")
+        self._k[..., self.length:end, :] = key_states
+        self._v[..., self.length:end, :] = value_states
+        self.length = end
+        self._refresh()
+        return self.keys, self.values
+
+    def _refresh(self) -> None:
+        self.keys = self._k[..., : self.length, :]
+        self.values = self._v[..., : self.length, :]
+
+    def get_max_length(self) -> int:
+        return self.capacity
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep only the rows ``indices`` (finished sequences dropped): the buffers shrink with the batch."""
+        if self.is_initialized:
+            self._k, self._v = self._k[indices], self._v[indices]
+            self._refresh()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.batch_select_indices(beam_idx)
+
+    def reset(self) -> None:
+        self.length = 0
+        if self.is_initialized:
+            self._refresh()
+
+
+def decoding_cache(num_layers: int, capacity: int) -> EncoderDecoderCache:
+    """The cache of one greedy decode: preallocated self-attention (``capacity`` positions per layer) and
+    transformers' dynamic cross-attention cache (filled once, on the first step, by the modules themselves)."""
+    self_cache = Cache(layers=[PreallocatedLayer(capacity) for _ in range(num_layers)])
+    return EncoderDecoderCache(self_cache, DynamicCache())
+
+
+def select_rows(cache: EncoderDecoderCache, rows: torch.Tensor) -> None:
+    """Keep only the batch rows ``rows`` of both parts of ``cache`` (``EncoderDecoderCache.batch_select_indices``
+    refuses a non-dynamic self-attention cache, so each part is narrowed itself)."""
+    cache.self_attention_cache.batch_select_indices(rows)
+    cache.cross_attention_cache.batch_select_indices(rows)
