@@ -8,7 +8,9 @@ from mla_registry.plugins.mla import MlaBuilder
 from mla_registry.testing import conformance_test
 
 test_mha = conformance_test(MhaBuilder(), [{}])
-test_gqa = conformance_test(GqaBuilder(), [{"kv_heads": 1}, {"kv_heads": 2}])
+test_gqa = conformance_test(GqaBuilder(), [{"kv_heads": 1}, {"kv_heads": 2},
+                                           {"kv_heads": 2, "grouping": "search", "align": True},
+                                           {"kv_heads": 1, "align": True}])
 test_mla = conformance_test(MlaBuilder(), [{"rank": 16, "init": "svd"}, {"rank": 16, "init": "activation"},
                                            {"rank": 24, "init": "svd", "absorb": False},
                                            {"rank": 16, "init": "attention"},
