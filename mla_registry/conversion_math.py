@@ -100,18 +100,24 @@ def spectrum(w: torch.Tensor, gram: torch.Tensor | None = None, g: torch.Tensor 
     return Spectrum(_fix_signs(u), s ** 2, g)
 
 
-def _upper_root(gram: torch.Tensor) -> torch.Tensor:
-    """Upper ``R`` with ``R^T R = gram`` (ridged): ``||R e||^2 = e^T gram e``."""
+def _upper_root(gram: torch.Tensor, damping: float = 0.0) -> torch.Tensor:
+    """Upper ``R`` with ``R^T R = gram + damping * (tr/dim) I`` (ridged): ``||R e||^2 = e^T gram e`` plus a
+    share of the plain squared error."""
+    gram = gram.double()
+    gram = gram + damping * torch.trace(gram) / gram.shape[0] * torch.eye(gram.shape[0], dtype=gram.dtype)
     return ridged_cholesky(gram).T
 
 
 def attention_weight(w: torch.Tensor, inputs: InputStats, w_q: torch.Tensor, b_q: torch.Tensor | None,
-                     queries: InputStats, w_o: torch.Tensor, num_heads: int) -> torch.Tensor:
+                     queries: InputStats, w_o: torch.Tensor, num_heads: int, damping: float = 0.0
+                     ) -> torch.Tensor:
     """The attention-aware, balanced output weight ``G = diag(a_k G_k, a_v G_v)`` (``2d x 2d``, upper).
 
     - ``G_k``: per head, ``R_h^T R_h = E[q_h q_h^T]`` (the query second moment on calibration data), so
       ``||G_k e_k||^2 = sum_h E[(q_h . e_{k,h})^2]``, the squared error of the attention scores ``q . k``;
     - ``G_v``: ``R^T R = W_o^T W_o``, so ``||G_v e_v|| = ||W_o e_v||``, the error after the output projection;
+    - ``damping`` adds that share of each Gram's mean eigenvalue to it: directions the calibration queries (or
+      ``W_o``) barely use still count, so the factorisation does not rely on them staying unused on new data;
     - ``a_k``, ``a_v`` scale each block to unit total energy on the (centred) inputs, so K and V compete for
       the rank by relative error, not by scale.
     """
@@ -123,9 +129,9 @@ def attention_weight(w: torch.Tensor, inputs: InputStats, w_q: torch.Tensor, b_q
     aug = torch.zeros(d + 1, d + 1, dtype=torch.float64)
     aug[:d, :d], aug[:d, d], aug[d, :d], aug[d, d] = queries.gram, queries.total, queries.total, queries.n
     second = wq_aug @ aug @ wq_aug.T / queries.n  # E[q q^T], [d, d]
-    g_k = torch.block_diag(*[_upper_root(second[h * hd:(h + 1) * hd, h * hd:(h + 1) * hd])
+    g_k = torch.block_diag(*[_upper_root(second[h * hd:(h + 1) * hd, h * hd:(h + 1) * hd], damping)
                              for h in range(num_heads)])
-    g_v = _upper_root(w_o.double().cpu().T @ w_o.double().cpu())
+    g_v = _upper_root(w_o.double().cpu().T @ w_o.double().cpu(), damping)
     cov = inputs.centred()
     w = w.double().cpu()
     blocks = []
