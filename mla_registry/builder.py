@@ -44,6 +44,8 @@ class Kwarg:
 
     def coerce(self, value: Any, where: str) -> Any:
         """Return ``value`` as this kwarg's type, or raise :class:`KwargError` naming the kwarg."""
+        if value is None and self.default is None:  # an optional kwarg left unset (as validate() fills it)
+            return None
         if self.type is bool and isinstance(value, str):
             low = value.lower()
             if low in ("true", "1", "yes"):
@@ -109,6 +111,10 @@ class ConversionContext(Protocol):
         """The real inputs of ``slot``'s query projection over the calibration audio: ``[tokens, embed_dim]``
         (the same tensor as :meth:`calibration_inputs` for self-attention; the decoder's hidden states for
         cross-attention)."""
+
+    def original(self, slot: Slot) -> nn.Module:
+        """The pretrained (not yet converted) module at ``slot``, for decisions a builder takes in
+        :meth:`AttentionBuilder.plan` (e.g. ranks under a KV budget)."""
 
 
 @dataclass(frozen=True)

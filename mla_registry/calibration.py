@@ -57,6 +57,9 @@ class CalibrationContext:
             self._capture()
         return self._query[slot.path]
 
+    def original(self, slot: Slot) -> nn.Module:
+        return self.model.get_submodule(slot.path)
+
     @torch.no_grad()
     def _capture(self) -> None:
         from . import data as datasets

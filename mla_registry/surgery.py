@@ -18,6 +18,7 @@ import re
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Any
 
 from torch import nn
@@ -233,7 +234,13 @@ def _kind_label(records: list[SlotRecord | None]) -> str:
         else:
             by_plugin.setdefault(r.plugin, []).append(r)
     for plugin, rs in by_plugin.items():
-        labels.add(short_form(plugin, [r.kwargs for r in rs]))
+        budgets = {r.convert_kwargs.get("budget") for r in rs}
+        if len(budgets) == 1 and None not in budgets and all("rank" in r.kwargs for r in rs):
+            ranks = sorted(r.kwargs["rank"] for r in rs)
+            span = f"{ranks[0]}..{ranks[-1]}" if ranks[0] != ranks[-1] else str(ranks[0])
+            labels.add(f"{plugin}(budget {Fraction(budgets.pop()).limit_denominator(1024)}: {span})")
+        else:
+            labels.add(short_form(plugin, [r.kwargs for r in rs]))
     return "/".join(sorted(labels))
 
 

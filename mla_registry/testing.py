@@ -114,6 +114,10 @@ class ForwardContext:
             for h in hooks:
                 h.remove()
         self.used = {"ref": "random features (mla_registry.testing.ForwardContext)"}
+        self.model = model
+
+    def original(self, slot: Slot) -> nn.Module:
+        return self.model.get_submodule(slot.path)
 
     def calibration_inputs(self, slot: Slot) -> torch.Tensor:
         return self.kv[slot.path]

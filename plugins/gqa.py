@@ -3,6 +3,13 @@
 Conversion mean-pools the key/value projection heads of each group of ``num_heads / kv_heads`` consecutive
 heads. The cache holds only ``kv_heads`` heads; attention folds each group's queries onto its shared head
 (K/V are never repeated, neither in the cache nor in attention).
+
+``grouping="search"`` chooses which heads share a K/V head on calibration data: the grouping with the least
+attention-output error (every partition when there are few, e.g. the 10 ways to split 6 heads in 2 groups of 3;
+greedy otherwise); ``align=true`` first rotates each head into its group's common frame by orthogonal Procrustes
+(q/k by one rotation, v/o by another: the unpooled model is unchanged). Heads are permuted so each group is
+contiguous, which leaves the output unchanged too, so the module is the same for every grouping; the chosen
+grouping is recorded per slot (``groups``, e.g. ``0.3.4|1.2.5``). See :mod:`mla_registry.head_grouping`.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mla_registry import head_grouping as hg
 from mla_registry.attention import SlotAttention, attend, cached_states
 from mla_registry.builder import AttentionBuilder, ConversionContext, Equivalence, Kwarg, Slot
 from mla_registry.errors import KwargError
@@ -54,13 +62,6 @@ class GroupedQueryAttention(SlotAttention):
         return 2 * self.kv_heads * self.head_dim * self.param_bytes()
 
 
-def _pool_heads(t: torch.Tensor, num_heads: int, kv_heads: int) -> torch.Tensor:
-    """Mean of each group of consecutive heads along dim 0 (a weight ``[H*D, d]`` or a bias ``[H*D]``)."""
-    head_dim = t.shape[0] // num_heads
-    grouped = t.reshape(kv_heads, num_heads // kv_heads, head_dim, *t.shape[1:])
-    return grouped.mean(dim=1).reshape(kv_heads * head_dim, *t.shape[1:])
-
-
 class GqaBuilder(AttentionBuilder):
     """Builds :class:`GroupedQueryAttention`; conversion mean-pools K/V heads per group."""
 
@@ -70,6 +71,14 @@ class GqaBuilder(AttentionBuilder):
     kwargs = (
         Kwarg("kv_heads", int, help="number of key/value heads; must divide the slot's num_heads (1 = MQA)",
               check=lambda v: None if v >= 1 else "must be >= 1"),
+        Kwarg("grouping", str, default="contiguous", choices=("contiguous", "search"), build=False,
+              help="which query heads share a K/V head: consecutive ones, or searched on calibration data by "
+                   "attention-output error"),
+        Kwarg("align", bool, default=False, build=False,
+              help="rotate heads into their group's frame (orthogonal Procrustes on calibration K/V) before "
+                   "pooling"),
+        Kwarg("groups", str, default=None, build=False,
+              help="the grouping itself, e.g. '0.3.4|1.2.5' (chosen by 'grouping' unless given)"),
     )
     parameter_groups = GROUPS
 
@@ -80,6 +89,11 @@ class GqaBuilder(AttentionBuilder):
             allowed = ", ".join(str(n) for n in range(1, heads + 1) if heads % n == 0)
             raise KwargError(f"attention 'gqa' at slot {slot.name}: kwarg 'kv_heads'={kv} does not divide "
                              f"num_heads={heads}; allowed values: {allowed}")
+        if kwargs.get("groups") is not None:
+            try:
+                hg.parse_groups(kwargs["groups"], heads, kv)
+            except ValueError as exc:
+                raise KwargError(f"attention 'gqa' at slot {slot.name}: kwarg 'groups': {exc}") from None
 
     def equivalences(self, slot: Slot) -> list[Equivalence]:
         return [Equivalence("kv_heads = num_heads reproduces the original", {"kv_heads": slot.num_heads})]
@@ -90,14 +104,21 @@ class GqaBuilder(AttentionBuilder):
 
     def convert(self, original: nn.Module, slot: Slot, context: ConversionContext | None = None,
                 **kwargs: Any) -> GroupedQueryAttention:
-        """Q and output projections copied; K/V projection heads (and V's bias) mean-pooled per group."""
-        module = self.build(slot, **kwargs)
+        """Heads permuted so each group is contiguous (aligned first with ``align``); Q and output projections
+        carried; K/V projection heads (and V's bias) mean-pooled per group."""
+        module = self.build(slot, **self.build_kwargs(kwargs))
         heads, kv = module.num_heads, module.kv_heads
-        state = {k: v.detach().cpu() for k, v in original.state_dict().items()}
-        for name in ("k_proj.weight", "v_proj.weight", "v_proj.bias"):
-            if name in state:
-                state[name] = _pool_heads(state[name].double(), heads, kv).to(state[name].dtype)
-        module.to(dtype=state["q_proj.weight"].dtype).load_state_dict(state, strict=True)
+        groups = (hg.contiguous(heads, kv) if kwargs.get("groups") is None
+                  else hg.parse_groups(kwargs["groups"], heads, kv))
+        weights = hg.HeadWeights.of(original, heads)
+        inputs = _sample(context.calibration_inputs(slot)) if kwargs["align"] and context is not None else None
+        w, k, v, b_v = hg.pooled(weights, groups, inputs, kwargs["align"])
+        state = {"q_proj.weight": w.w_q, "k_proj.weight": k, "v_proj.weight": v, "out_proj.weight": w.w_o}
+        for name, t in (("q_proj.bias", w.b_q), ("v_proj.bias", b_v), ("out_proj.bias", w.b_o)):
+            if t is not None:
+                state[name] = t
+        dtype = original.q_proj.weight.dtype
+        module.to(dtype=dtype).load_state_dict({n: t.to(dtype) for n, t in state.items()}, strict=True)
         return module
 
     def to_stock(self, module: GroupedQueryAttention, slot: Slot) -> dict[str, torch.Tensor]:
@@ -111,6 +132,33 @@ class GqaBuilder(AttentionBuilder):
                 state[name] = t.reshape(module.kv_heads, module.head_dim, *t.shape[1:]).repeat_interleave(
                     groups, dim=0).reshape(module.embed_dim, *t.shape[1:])
         return state
+
+    def plan(self, slots: list[Slot], kwargs: Mapping[str, Any], context: ConversionContext | None
+             ) -> dict[str, dict[str, Any]]:
+        """Each slot's grouping (given, contiguous, or searched on calibration data), recorded as ``groups``."""
+        out = {}
+        for slot in slots:
+            groups = kwargs.get("groups")
+            if groups is None and kwargs["grouping"] == "search":
+                if context is None:
+                    raise KwargError("attention 'gqa': grouping='search' needs calibration audio (a conversion "
+                                     "context)")
+                weights = hg.HeadWeights.of(context.original(slot), slot.num_heads)
+                probe = hg.Probe.of(context.query_inputs(slot), context.calibration_inputs(slot), slot.is_cross,
+                                    frames=getattr(slot.config, "max_source_positions", 1500))
+                inputs = _sample(context.calibration_inputs(slot)) if kwargs["align"] else None
+                groups = hg.format_groups(hg.search(weights, kwargs["kv_heads"], probe, inputs, kwargs["align"])[0])
+            elif groups is None:
+                groups = hg.format_groups(hg.contiguous(slot.num_heads, kwargs["kv_heads"]))
+            out[slot.path] = {**kwargs, "groups": groups}
+        return out
+
+
+def _sample(x: torch.Tensor, rows: int = 8192) -> torch.Tensor:
+    """At most ``rows`` evenly spaced rows of ``x`` (Procrustes needs the heads' joint statistics, not every
+    token)."""
+    step = max(1, x.shape[0] // rows)
+    return x[::step][:rows].double().cpu()
 
 
 @hookimpl

@@ -9,8 +9,21 @@ Conversion factorises the stacked ``W = [W_k; W_v]`` (``2d x d``) as ``W ~ U U^T
 (``2d x rank``) orthonormal: ``k_up``/``v_up`` are ``U``'s K/V rows, ``kv_down = U^T W``. ``init="svd"``
 takes ``U`` from the SVD of ``W``; ``init="activation"`` (default) from the SVD of ``W L`` with
 ``L L^T = X^T X`` over the module's real inputs ``X`` on calibration audio, i.e. the principal directions of
-the actual K/V activations, which minimises their reconstruction error. ``rank == embed_dim`` reproduces the
-original exactly.
+the actual K/V activations, which minimises their reconstruction error. ``init="attention"`` minimises what
+attention sees instead (:mod:`mla_registry.conversion_math`): the SVD of ``G W L`` with ``L`` from the *centred*
+input covariance (a key offset shared by all tokens does not change softmax; V's mean goes into its bias),
+``G``'s K block the per-head root of the query second moment ``E[q_h q_h^T]`` (error of the scores ``q . k``),
+its V block the root of ``W_o^T W_o`` (error after the output projection), each block scaled to unit energy so
+K and V share the rank by relative error; then ``D = U_r^T G W``, ``A = G^-1 U_r`` and the least-squares V bias.
+``refit=true`` re-solves ``k_up``, ``v_up`` and V's bias by least squares on the calibration inputs for the
+chosen ``kv_down`` (SVD-LLM's update; the attention init is already its own least-squares solution).
+``rank == embed_dim`` reproduces the original exactly.
+
+``budget=F`` instead of ``rank``: ranks per slot under one KV budget (``F`` of the selected slots' original
+K/V cache, ``2 * embed_dim`` per token each), allocated greedily on each slot's calibration error vs rank
+(water-filling, see :func:`mla_registry.conversion_math.allocate_ranks`) so the ranks sum to the budget exactly;
+``budget_scope="kind"`` (default) gives self- and cross-attention slots the budget separately, ``"all"`` makes
+them compete. Each slot's rank is recorded in the manifest.
 
 Absorption (``absorb=True``): in eval mode with a cache (decoding: ``generate()`` or a cached forward)
 ``W_uk`` is applied on the query side and ``W_uv`` after attention, so attention runs over the latent as
@@ -29,12 +42,14 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache
 
+from mla_registry import conversion_math as cm
 from mla_registry.attention import SlotAttention, attend, cached_states
 from mla_registry.builder import AttentionBuilder, ConversionContext, Equivalence, Kwarg, Slot
 from mla_registry.errors import KwargError
 from mla_registry.hookspecs import hookimpl
 
-INITS = ("activation", "svd")
+INITS = ("activation", "svd", "attention")
+SCOPES = ("kind", "all")
 
 
 class MultiHeadLatentAttention(SlotAttention):
@@ -147,11 +162,19 @@ class MlaBuilder(AttentionBuilder):
     version = "1"
     description = "Multi-head latent attention: K/V up-projected from one cached rank-r latent (DeepSeek-V2)"
     kwargs = (
-        Kwarg("rank", int, help="latent width cached per token (1..embed_dim; embed_dim reproduces MHA)",
-              check=lambda v: None if v >= 1 else "must be >= 1"),
+        Kwarg("rank", int, default=None, help="latent width cached per token (1..embed_dim; embed_dim reproduces "
+              "MHA); required unless 'budget' is given", check=lambda v: None if v >= 1 else "must be >= 1"),
         Kwarg("init", str, default="activation", choices=INITS, build=False,
               help="factorisation: 'activation' (PCA of real K/V activations on the conversion's calibration "
-                   "audio) or 'svd' (of the weights alone)"),
+                   "audio), 'svd' (of the weights alone) or 'attention' (errors of the scores q.k and of W_o v, "
+                   "K/V balanced)"),
+        Kwarg("refit", bool, default=False, build=False,
+              help="least-squares refit of k_up, v_up and V's bias on the calibration inputs after the basis"),
+        Kwarg("budget", float, default=None, build=False,
+              help="instead of rank: fraction of the selected slots' original K/V cache; ranks per slot chosen "
+                   "on calibration error", check=lambda v: None if 0 < v <= 1 else "must be in (0, 1]"),
+        Kwarg("budget_scope", str, default="kind", choices=SCOPES, build=False,
+              help="'kind': self and cross slots each meet the budget; 'all': one budget over every slot"),
         Kwarg("absorb", bool, default=True,
               help="decode in latent space (W_uk folded into queries, W_uv into the output) in eval mode"),
     )
@@ -161,6 +184,11 @@ class MlaBuilder(AttentionBuilder):
         """``rank`` must lie in 1..embed_dim: ``[W_k; W_v]`` has rank <= embed_dim, so a wider latent would
         only cost cache."""
         rank = kwargs["rank"]
+        if rank is None:
+            if kwargs.get("budget") is None:
+                raise KwargError(f"attention 'mla' at slot {slot.name}: give kwarg 'rank' (1..{slot.embed_dim}) "
+                                 "or 'budget' (a fraction of the K/V cache, e.g. 0.125)")
+            return
         if not 1 <= rank <= slot.embed_dim:
             raise KwargError(f"attention 'mla' at slot {slot.name}: kwarg 'rank'={rank}; allowed values: "
                              f"1..{slot.embed_dim} (embed_dim; {slot.embed_dim} reproduces the original)")
@@ -180,21 +208,21 @@ class MlaBuilder(AttentionBuilder):
         ``v_up``."""
         module = self.build(slot, **self.build_kwargs(kwargs))
         d = slot.embed_dim
-        w = torch.cat([original.k_proj.weight, original.v_proj.weight]).detach()
-        inputs = None
-        if kwargs["init"] == "activation":
+        w = torch.cat([original.k_proj.weight, original.v_proj.weight]).detach().double().cpu()
+        bias = None if original.v_proj.bias is None else original.v_proj.bias.detach().double().cpu()
+        up, down = _spectrum(original, slot, context, kwargs["init"]).factors(w, kwargs["rank"])
+        if kwargs["init"] == "attention" or kwargs["refit"]:
             if context is None:
-                raise KwargError(f"attention 'mla' at slot {slot.name}: kwarg 'init'='activation' needs "
-                                 "calibration audio (a conversion context); use init='svd' without one")
-            inputs = context.calibration_inputs(slot)
-        u = latent_basis(w, kwargs["rank"], inputs)
+                raise KwargError(f"attention 'mla' at slot {slot.name}: kwarg 'refit' needs calibration audio "
+                                 "(a conversion context)")
+            up, bias = cm.refit_up(w, bias, down, _stats(context.calibration_inputs(slot)))
         state = {k: v.detach().cpu() for k, v in original.state_dict().items() if k.startswith(("q_proj.",
                                                                                              "out_proj."))}
-        state["kv_down.weight"] = u.T @ w.double().cpu()
-        state["k_up.weight"] = u[:d]
-        state["v_up.weight"] = u[d:]
-        if original.v_proj.bias is not None:
-            state["v_up.bias"] = original.v_proj.bias.detach().cpu()
+        state["kv_down.weight"] = down
+        state["k_up.weight"] = up[:d]
+        state["v_up.weight"] = up[d:]
+        if bias is not None:
+            state["v_up.bias"] = bias
         dtype = original.q_proj.weight.dtype
         module.to(dtype=dtype).load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True)
         return module
@@ -212,6 +240,69 @@ class MlaBuilder(AttentionBuilder):
         if module.v_up.bias is not None:
             state["v_proj.bias"] = module.v_up.bias.detach().clone()
         return state
+
+
+    def plan(self, slots: list[Slot], kwargs: Mapping[str, Any], context: ConversionContext | None
+             ) -> dict[str, dict[str, Any]]:
+        """With ``budget``: each slot's rank, allocated on its calibration error vs rank (the init's own
+        objective, relative to rank 0) so that the ranks of each scope sum to ``budget * embed_dim`` per slot
+        (the K/V cache is ``2 * embed_dim`` per token; a rank-``r`` latent caches ``r``)."""
+        if kwargs.get("budget") is None:
+            return super().plan(slots, kwargs, context)
+        if context is None:
+            raise KwargError("attention 'mla': kwarg 'budget' needs a conversion context (the original modules "
+                             "and, except for init='svd', calibration audio)")
+        scopes: dict[str, list[Slot]] = {}
+        for slot in slots:
+            scopes.setdefault(slot.kind if kwargs["budget_scope"] == "kind" else "all", []).append(slot)
+        out = {}
+        for members in scopes.values():
+            cache = sum(2 * s.embed_dim for s in members)
+            total = kwargs["budget"] * cache
+            if abs(total - round(total)) > 1e-6:
+                raise KwargError(f"attention 'mla': budget={kwargs['budget']} of a cache of {cache} values per "
+                                 f"token is {total:g}, not a whole number of latent dimensions")
+            energies = [_spectrum(context.original(s), s, context, kwargs["init"]).energy for s in members]
+            for slot, rank in zip(members, cm.allocate_ranks(energies, round(total))):
+                out[slot.path] = {**kwargs, "rank": rank}
+        return out
+
+
+_STATS: dict[int, tuple[Any, cm.InputStats]] = {}
+
+
+def _stats(x: torch.Tensor) -> cm.InputStats:
+    """:class:`~mla_registry.conversion_math.InputStats` of ``x``, computed once per tensor (the cross slots share
+    one encoder output); entries die with their tensor."""
+    import weakref
+
+    hit = _STATS.get(id(x))
+    if hit is not None and hit[0]() is x:
+        return hit[1]
+    stats = cm.InputStats.of(x)
+    key = id(x)
+    _STATS[key] = (weakref.ref(x, lambda _ref: _STATS.pop(key, None)), stats)
+    return stats
+
+
+def _spectrum(original: nn.Module, slot: Slot, context: ConversionContext | None, init: str) -> cm.Spectrum:
+    """Every rank's factorisation of ``[W_k; W_v]`` under ``init``'s objective (see the module docstring)."""
+    w = torch.cat([original.k_proj.weight, original.v_proj.weight]).detach()
+    if init == "svd":
+        return cm.spectrum(w)
+    if context is None:
+        raise KwargError(f"attention 'mla' at slot {slot.name}: kwarg 'init'='{init}' needs calibration audio "
+                         "(a conversion context); use init='svd' without one")
+    stats = _stats(context.calibration_inputs(slot))
+    if init == "activation":
+        return cm.spectrum(w, stats.gram)
+    g = cm.attention_weight(w, stats, original.q_proj.weight.detach(), _detached(original.q_proj.bias),
+                            _stats(context.query_inputs(slot)), original.out_proj.weight.detach(), slot.num_heads)
+    return cm.spectrum(w, stats.centred(), g)
+
+
+def _detached(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach()
 
 
 @hookimpl

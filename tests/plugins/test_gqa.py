@@ -70,3 +70,82 @@ def test_kwarg_errors(stock):
         builder.validate({"kv_heads": 0})
     with pytest.raises(KwargError, match=r"kv_heads'=3.*allowed values: 1, 2, 4"):
         builder.check_slot(slot, builder.validate({"kv_heads": "3"}))
+
+
+def rotation(n: int, seed: int) -> torch.Tensor:
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=torch.Generator().manual_seed(seed)))
+    return q
+
+
+def heads_alike_up_to_rotation(model, seed: int = 0):
+    """Make every head's K (and V, with its bias) rows a rotation of head 0's, per slot: pooling then loses
+    nothing once the heads are aligned."""
+    with torch.no_grad():
+        for i, slot in enumerate(whisper.slots(model)):
+            m = model.get_submodule(slot.path)
+            hd = slot.embed_dim // slot.num_heads
+            for h in range(1, slot.num_heads):
+                s = slice(h * hd, (h + 1) * hd)
+                r_k, r_v = rotation(hd, seed + 100 * i + h), rotation(hd, seed + 100 * i + h + 50)
+                m.k_proj.weight[s] = r_k.T @ m.k_proj.weight[:hd]
+                m.v_proj.weight[s] = r_v.T @ m.v_proj.weight[:hd]
+                m.v_proj.bias[s] = r_v.T @ m.v_proj.bias[:hd]
+    return model
+
+
+@pytest.mark.parametrize("with_context", [True, False])
+@pytest.mark.parametrize("kv_heads", [1, 2])
+def test_aligned_and_pooled_equals_mha_when_heads_differ_by_rotation(fresh, features, decoder_ids, h, kv_heads,
+                                                                      with_context):
+    from mla_registry import testing
+
+    reference = heads_alike_up_to_rotation(fresh())
+    context = testing.ForwardContext(reference) if with_context else None
+    aligned = h.swap(heads_alike_up_to_rotation(fresh()), GqaBuilder(), context=context, kv_heads=kv_heads,
+                     align=True)
+    plain = h.swap(heads_alike_up_to_rotation(fresh()), GqaBuilder(), kv_heads=kv_heads)
+    want = h.logits(reference, features, decoder_ids)
+    torch.testing.assert_close(h.logits(aligned, features, decoder_ids), want, atol=2e-4, rtol=1e-4)
+    assert (h.logits(plain, features, decoder_ids) - want).abs().max() > 1e-2  # unaligned pooling loses
+    assert torch.equal(h.greedy(aligned, features), h.greedy(reference, features))
+
+
+@pytest.mark.parametrize("align", [False, True])
+@pytest.mark.parametrize("exhaustive", [True, False])
+def test_search_is_never_worse_than_contiguous_on_its_objective(stock, fresh, context, h, monkeypatch, align,
+                                                                exhaustive):
+    from mla_registry import head_grouping as hg
+    from mla_registry import lineage
+    from mla_registry.plugins.gqa import _sample
+
+    if not exhaustive:
+        monkeypatch.setattr(hg, "EXHAUSTIVE_LIMIT", 0)
+    model = h.swap(fresh(), GqaBuilder(), context=context, kv_heads=2, grouping="search", align=align)
+    records = {r.path: r for r in lineage.of(model).slots}
+    chosen_differs = False
+    for slot in whisper.slots(stock):
+        groups = hg.parse_groups(records[slot.path].convert_kwargs["groups"], slot.num_heads, 2)
+        w = hg.HeadWeights.of(stock.get_submodule(slot.path), slot.num_heads)
+        probe = hg.Probe.of(context.query_inputs(slot), context.calibration_inputs(slot), slot.is_cross,
+                            frames=h.FRAMES)
+        inputs = _sample(context.calibration_inputs(slot)) if align else None
+        base = hg.output_error(w, hg.contiguous(slot.num_heads, 2), probe, inputs, align)
+        assert hg.output_error(w, groups, probe, inputs, align) <= base
+        chosen_differs |= groups != hg.contiguous(slot.num_heads, 2)
+    assert chosen_differs  # on random weights some layer prefers another grouping
+
+
+def test_partitions_are_all_the_groupings():
+    from mla_registry import head_grouping as hg
+
+    six = list(hg.partitions(6, 2))
+    assert len(six) == len(set(six)) == hg.count_partitions(6, 2) == 10
+    assert len(list(hg.partitions(6, 3))) == hg.count_partitions(6, 3) == 15
+    assert hg.parse_groups(hg.format_groups(six[3]), 6, 2) == six[3]
+    with pytest.raises(ValueError, match="not a partition"):
+        hg.parse_groups("0.1.2|2.3.4", 6, 2)
+
+
+def test_a_given_grouping_is_checked(fresh, h):
+    with pytest.raises(KwargError, match="'groups'.*not a partition"):
+        h.swap(fresh(), GqaBuilder(), kv_heads=2, groups="0.1|1.3")

@@ -133,9 +133,9 @@ def test_module_parameters_and_build_kwargs(fresh, context, h):
 
 def test_kwarg_errors(stock):
     builder, slot = MlaBuilder(), whisper.slots(stock)[0]
-    with pytest.raises(KwargError, match="'rank' is required"):
-        builder.validate({})
-    with pytest.raises(KwargError, match="'init'.*allowed values: activation, svd"):
+    with pytest.raises(KwargError, match="give kwarg 'rank'.*or 'budget'"):  # one of the two
+        builder.check_slot(slot, builder.validate({}))
+    with pytest.raises(KwargError, match="'init'.*allowed values: activation, svd, attention"):
         builder.validate({"rank": 8, "init": "pca"})
     with pytest.raises(KwargError, match=r"'rank'=65; allowed values: 1\.\.64"):
         builder.check_slot(slot, builder.validate({"rank": 65}))
@@ -143,3 +143,65 @@ def test_kwarg_errors(stock):
         builder.convert(stock.get_submodule(slot.path), slot, None, **builder.validate({"rank": 8}))
     with pytest.raises(KwargError, match="unknown kwarg.*calibration_size"):  # one knob: the conversion's
         builder.validate({"rank": 8, "calibration_size": 64})
+
+
+def kv_error(stock, model, context, slot, g=None) -> float:
+    """:func:`conversion_math.kv_error` of the converted slot (centred K, V with its bias)."""
+    from mla_registry import conversion_math as cm
+
+    old, new = stock.get_submodule(slot.path), model.get_submodule(slot.path)
+    w = torch.cat([old.k_proj.weight, old.v_proj.weight]).detach()
+    up = torch.cat([new.k_up.weight, new.v_up.weight]).detach()
+    return cm.kv_error(w, old.v_proj.bias.detach(), up, new.kv_down.weight.detach(), new.v_up.bias.detach(),
+                       cm.InputStats.of(context.calibration_inputs(slot)), g)
+
+
+@pytest.mark.parametrize("init", ["svd", "activation"])
+def test_refit_never_increases_the_calibration_error(stock, fresh, context, h, init):
+    plain, refit = mla(fresh, h, context, init=init), mla(fresh, h, context, init=init, refit=True)
+    for slot in whisper.slots(stock):
+        assert kv_error(stock, refit, context, slot) <= kv_error(stock, plain, context, slot) * (1 + 1e-6)
+
+
+def test_attention_init_is_best_on_its_own_objective(stock, fresh, context, h):
+    from mla_registry import conversion_math as cm
+
+    att, act = mla(fresh, h, context, init="attention"), mla(fresh, h, context, init="activation", refit=True)
+    for slot in whisper.slots(stock):
+        old = stock.get_submodule(slot.path)
+        w = torch.cat([old.k_proj.weight, old.v_proj.weight]).detach()
+        g = cm.attention_weight(w, cm.InputStats.of(context.calibration_inputs(slot)), old.q_proj.weight.detach(),
+                                old.q_proj.bias.detach(), cm.InputStats.of(context.query_inputs(slot)),
+                                old.out_proj.weight.detach(), slot.num_heads)
+        assert kv_error(stock, att, context, slot, g) < kv_error(stock, act, context, slot, g), slot.name
+
+
+@pytest.mark.parametrize("budget,scope", [(0.25, "kind"), (0.125, "kind"), (0.25, "all")])
+def test_budgeted_ranks_meet_the_budget_exactly(stock, fresh, context, h, budget, scope):
+    from mla_registry import lineage, surgery
+
+    model = h.swap(fresh(), MlaBuilder(), kinds=("decoder.self", "decoder.cross"), context=context,
+                   budget=budget, budget_scope=scope, init="attention")
+    records = lineage.of(model).slots
+    assert all(r.convert_kwargs["budget"] == budget for r in records)
+    groups = {}
+    for r in records:
+        groups.setdefault(r.kind if scope == "kind" else "all", []).append(r.kwargs["rank"])
+    for ranks in groups.values():
+        assert sum(ranks) == budget * 2 * h.D_MODEL * len(ranks)
+    for r in records:
+        assert model.get_submodule(r.path).rank == r.kwargs["rank"]
+    label = surgery.describe(model)["decoder.cross"]
+    ranks = [r.kwargs["rank"] for r in records if r.kind == "decoder.cross"]
+    span = f"{min(ranks)}..{max(ranks)}" if min(ranks) != max(ranks) else str(ranks[0])
+    assert label == f"mla(budget 1/{round(1 / budget)}: {span})"
+
+
+def test_budget_or_rank_is_required(fresh, context, h):
+    with pytest.raises(KwargError, match="'rank'.*or 'budget'"):
+        mla(fresh, h, context, rank=None)
+
+
+def test_budget_that_is_not_a_whole_rank_is_refused(fresh, context, h):
+    with pytest.raises(KwargError, match="not a whole number"):
+        h.swap(fresh(), MlaBuilder(), kinds=("decoder.self",), context=context, budget=0.3)
