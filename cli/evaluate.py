@@ -57,6 +57,9 @@ def command(model_ref, data_ref, limit, out, skip_bad, fmt, backend, device, dty
     else:
         from mla_registry.export.backends import load_backend
 
+        if world.size > 1:  # the exported runtimes' loop does not shard: every rank would decode everything
+            raise click.UsageError(f"--backend {backend} runs in one process; launch it without torchrun")
+
         model = load_backend(backend, model_ref, device)
         processor = model.processor()
     utts = data.load(data_ref, limit=limit, skip_bad=skip_bad, quiet=quiet, lazy=True)  # read batch by batch

@@ -336,6 +336,23 @@ def check_cuda(case: Case) -> None:
     _dtype_run(case, "cuda", torch.bfloat16)
 
 
+def check_stock(case: Case) -> None:
+    """A builder with ``to_stock()``: the stock model it gives (``export --to transformers``) has the converted
+    model's logits (1e-4) and greedy tokens. Without one: skipped (the stock formats refuse it by name)."""
+    from .builder import AttentionBuilder
+    from .export.stock import stock_model
+
+    if type(case.builder).to_stock is AttentionBuilder.to_stock:
+        raise _Skip("no to_stock(): exports to ONNX only")
+    model = case.convert()
+    with registered(case.builder):
+        stock = stock_model(model)
+    torch.testing.assert_close(_logits(stock, case), _logits(model, case), atol=1e-4, rtol=0,
+                               msg=lambda m: f"{case}: stock export: {m}")
+    assert torch.equal(_greedy(stock, case.features), _greedy(model, case.features)), \
+        f"{case}: greedy tokens of the stock export differ"
+
+
 class _Skip(Exception):
     pass
 
@@ -343,7 +360,7 @@ class _Skip(Exception):
 CHECKS: dict[str, Callable[[Case], None]] = {
     "roundtrip": check_roundtrip, "causal": check_causal, "cache": check_cache,
     "equivalences": check_equivalences, "backward": check_backward, "parameter_groups": check_parameter_groups,
-    "bf16": check_bf16, "cuda": check_cuda,
+    "stock": check_stock, "bf16": check_bf16, "cuda": check_cuda,
 }
 
 

@@ -68,6 +68,18 @@ def test_readme_plugin_is_listed_converted_saved_and_reloaded(install_plugin, ti
             assert "attention 'mqa' (mla-registry-mqa 1.0)" in str(exc) and "to_stock" in str(exc)
         else:
             raise AssertionError(f"--to {fmt} must refuse a plugin without a stock form")
+    # ... while --to onnx traces the plugin's own module: ONNX Runtime decodes the same tokens over one K/V head
+    from mla_registry import model_refs
+    from mla_registry.export.onnx import write_onnx
+    from mla_registry.export.ort import OrtWhisper
+
+    (tmp_path / "mqa-onnx").mkdir()
+    write_onnx(reloaded, model_refs.load_processor("bundled:whisper-tiny.en"), tmp_path / "mqa-onnx")
+    runtime = OrtWhisper(tmp_path / "mqa-onnx", threads=1)
+    rows = runtime.generate(runtime.encode(feats.numpy()), 6)
+    cut = lambda r: r[:r.index(50256)] if 50256 in r else r  # noqa: E731
+    assert [cut(r[2:]) for r in rows] == [cut(r) for r in again.tolist()]
+    assert runtime.last_cache.shapes["self.0.key"][1] == 1 and runtime.last_cache.self_per_token == 2 * (2 * 16 * 4)
 
     # without the plugin installed, the error names the plugin and quotes the package the manifest claims
     # (as the manifest's claim: never a pip command built from a checkpoint's words)

@@ -10,7 +10,9 @@ import json
 import numpy as np
 import pytest
 
+from mla_registry.evaluate import DecodeSettings, evaluate
 from mla_registry.export import PROVENANCE, export
+from mla_registry.export.backends import CTranslate2Backend
 
 from .conftest import MAX_NEW_TOKENS
 
@@ -33,6 +35,13 @@ def test_ctranslate2_export_tokens(export_ckpts, ckpt_tokens, real_clips, tmp_pa
     ours = ckpt_tokens["mla"][1]
     theirs = ct2_tokens(tmp_path / "ct2", feats)
     assert sum(a != b for a, b in zip(ours, theirs)) <= 1
+    # evaluate --backend ctranslate2: the same transcripts through the evaluation path
+    utts, _ = real_clips
+    settings = DecodeSettings(batch_size=4, max_new_tokens=MAX_NEW_TOKENS)
+    backend = CTranslate2Backend(tmp_path / "ct2")
+    got = evaluate(backend, backend.processor(), utts, settings, quiet=True)
+    assert backend.token_ids == theirs
+    assert got["backend"]["backend"] == "ctranslate2" and got["utterances"] == len(utts)
 
 
 def test_ctranslate2_int8(export_ckpts, real_clips, tmp_path):

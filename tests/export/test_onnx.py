@@ -69,3 +69,14 @@ def test_onnx_backend_evaluates_like_pytorch(export_ckpts, onnx_exports, real_cl
     assert got["kv_cross_bytes_per_utterance"] == ref["kv_cross_bytes_per_utterance"]
     prov = json.loads((onnx_exports["mla"] / PROVENANCE).read_text())
     assert prov["format"] == "onnx" and prov["graphs"] == ["encoder.onnx", "cross_cache.onnx", "decoder.onnx"]
+
+
+def test_evaluate_command_with_onnxruntime_backend(onnx_exports):
+    from click.testing import CliRunner
+
+    from mla_registry.cli.main import cli
+
+    result = CliRunner().invoke(cli, ["evaluate", "--model", str(onnx_exports["gqa"]), "--backend", "onnxruntime",
+                                      "--data", "builtin:real?source=jfk", "--max-new-tokens", "8", "-q"])
+    assert result.exit_code == 0, result.output
+    assert "backend onnxruntime" in result.output and "cross.0.key 1x2x1500x64" in result.output

@@ -17,7 +17,7 @@ from mla_registry.export.stock import stock_model
 from mla_registry.plugins.mha import MhaBuilder
 from mla_registry.testing import registered
 
-from .conftest import greedy
+from .conftest import MAX_NEW_TOKENS, greedy
 
 
 @pytest.mark.parametrize("name", ["mla", "gqa"])
@@ -44,6 +44,32 @@ def test_stock_export_matches_checkpoint(export_ckpts, ckpt_tokens, real_clips, 
     assert written["source_checkpoint"] == str(ckpt.resolve())
     assert written["exported_by"]["mla_registry"] == __version__
     assert written["attention"][0]["plugin"] == name and "cache saving is not kept" in written["cache"]
+
+
+SCRIPT = """
+import json, sys
+sys.modules["mla_registry"] = None  # any import of mla-registry fails: plain transformers only
+import torch
+from transformers import WhisperForConditionalGeneration
+model = WhisperForConditionalGeneration.from_pretrained(sys.argv[1]).eval()
+with torch.no_grad():
+    out = model.generate(torch.load(sys.argv[2]), max_new_tokens=int(sys.argv[3]), num_beams=1, do_sample=False)
+print(json.dumps([row[:row.index(50256)] if 50256 in row else row for row in out.tolist()]))
+"""
+
+
+def test_stock_export_runs_without_mla_registry(export_ckpts, ckpt_tokens, real_clips, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    export(export_ckpts["mla"], "transformers", tmp_path / "hf")
+    torch.save(real_clips[1], tmp_path / "feats.pt")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ""}
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path / "hf"), str(tmp_path / "feats.pt"),
+                           str(MAX_NEW_TOKENS)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == ckpt_tokens["mla"][1]
 
 
 class NoStockBuilder(AttentionBuilder):

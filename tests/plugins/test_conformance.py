@@ -1,6 +1,7 @@
 """Every built-in plugin through the conformance kit (mla_registry.testing), exactly as a third-party plugin
 runs it: round trip through save and a fresh process, causality, measured = declared cache, declared
-equivalences (full rank / full heads reproduce MHA; absorbed = re-expanded), backward, groups, bf16, CUDA."""
+equivalences (full rank / full heads reproduce MHA; absorbed = re-expanded), backward, groups, the stock
+export (to_stock), bf16, CUDA."""
 
 from mla_registry.plugins.gqa import GqaBuilder
 from mla_registry.plugins.mha import MhaBuilder
