@@ -165,8 +165,6 @@ def _check_architecture(ckpt_dir: Path, model: nn.Module, state: dict[str, torch
                               f"({why})")
 
 
-
-
 def load(ckpt_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
     """Rebuild the model saved in ``ckpt_dir`` (with or without a manifest) and load its weights strictly."""
     ckpt_dir = Path(ckpt_dir)
@@ -184,7 +182,10 @@ def load(ckpt_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.
     state, origin = files.read_weights(ckpt_dir)
     _check_architecture(ckpt_dir, model, state, origin, records)
     tied = set(getattr(model, "_tied_weights_keys", None) or {})
-    result = model.load_state_dict(state, strict=False)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # what _check_architecture does not foresee
+        raise CheckpointError(f"{ckpt_dir}: weights do not fit the rebuilt architecture: {exc}") from None
     missing = [k for k in result.missing_keys if k not in tied]
     if missing or result.unexpected_keys:
         raise CheckpointError(

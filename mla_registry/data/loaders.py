@@ -23,8 +23,8 @@ from mla_registry.storage import cache_dir
 from .utterance import SAMPLE_RATE, Utterance
 
 SILENCE_PEAK = 1e-4
-# Shorter than one 10 ms mel hop times ten is no utterance: Whisper's hypothesis for it would be scored as if it
-# were one (a 1-sample file used to be accepted and transcribed)
+# Audio shorter than this holds no word (a syllable lasts about 0.2 s), yet Whisper would still produce a
+# hypothesis that gets scored as an utterance's (a 1-sample file used to be accepted and transcribed)
 MIN_SECONDS = 0.1
 TEXT_COLUMNS = ("transcription", "text", "sentence", "normalized_text")
 
