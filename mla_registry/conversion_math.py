@@ -109,7 +109,8 @@ def _upper_root(gram: torch.Tensor, damping: float = 0.0) -> torch.Tensor:
 
 
 def attention_weight(w: torch.Tensor, inputs: InputStats, w_q: torch.Tensor, b_q: torch.Tensor | None,
-                     queries: InputStats, w_o: torch.Tensor, num_heads: int, damping: float = 0.0
+                     queries: InputStats, w_o: torch.Tensor, num_heads: int, damping: float = 0.0,
+                     centre_queries: bool = False, weight_values: bool = True, balance: bool = True
                      ) -> torch.Tensor:
     """The attention-aware, balanced output weight ``G = diag(a_k G_k, a_v G_v)`` (``2d x 2d``, upper).
 
@@ -120,6 +121,10 @@ def attention_weight(w: torch.Tensor, inputs: InputStats, w_q: torch.Tensor, b_q
       ``W_o``) barely use still count, so the factorisation does not rely on them staying unused on new data;
     - ``a_k``, ``a_v`` scale each block to unit total energy on the (centred) inputs, so K and V compete for
       the rank by relative error, not by scale.
+
+    ``centre_queries`` uses the queries' covariance instead of their second moment (the mean query's scores
+    only set a static attention profile); ``weight_values=False`` takes ``G_v = I``; ``balance=False`` keeps K
+    and V at their natural scale (``G_k`` then normalised to keep K's plain energy).
     """
     d = w.shape[1]
     hd = d // num_heads
@@ -129,15 +134,20 @@ def attention_weight(w: torch.Tensor, inputs: InputStats, w_q: torch.Tensor, b_q
     aug = torch.zeros(d + 1, d + 1, dtype=torch.float64)
     aug[:d, :d], aug[:d, d], aug[d, :d], aug[d, d] = queries.gram, queries.total, queries.total, queries.n
     second = wq_aug @ aug @ wq_aug.T / queries.n  # E[q q^T], [d, d]
+    if centre_queries:
+        mean_q = wq_aug @ torch.cat([queries.total, torch.tensor([float(queries.n)], dtype=torch.float64)])
+        second = second - torch.outer(mean_q, mean_q) / queries.n ** 2
     g_k = torch.block_diag(*[_upper_root(second[h * hd:(h + 1) * hd, h * hd:(h + 1) * hd], damping)
                              for h in range(num_heads)])
-    g_v = _upper_root(w_o.double().cpu().T @ w_o.double().cpu(), damping)
+    eye = torch.eye(d, dtype=torch.float64)
+    g_v = _upper_root(w_o.double().cpu().T @ w_o.double().cpu(), damping) if weight_values else eye
     cov = inputs.centred()
     w = w.double().cpu()
     blocks = []
     for g, part in ((g_k, w[:d]), (g_v, w[d:])):
-        energy = torch.trace(g @ part @ cov @ part.T @ g.T)
-        blocks.append(g / energy.clamp_min(1e-30).sqrt())
+        energy = torch.trace(g @ part @ cov @ part.T @ g.T).clamp_min(1e-30)
+        plain = torch.trace(part @ cov @ part.T) if not balance else 1.0
+        blocks.append(g * (plain / energy) ** 0.5)
     return torch.block_diag(*blocks)
 
 

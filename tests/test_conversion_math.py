@@ -143,3 +143,23 @@ def test_procrustes_recovers_a_rotation():
         torch.testing.assert_close(a, aligned[0], atol=1e-9, rtol=0)
     for r in rotations:
         torch.testing.assert_close(r.T @ r, torch.eye(4, dtype=torch.float64), atol=1e-9, rtol=0)
+
+
+def test_score_only_weight_uses_the_query_covariance_and_plain_values(case):
+    stats = cm.InputStats.of(case["x"])
+    g = cm.attention_weight(case["w"], stats, case["w_q"], case["b_q"], cm.InputStats.of(case["xq"]), case["w_o"],
+                            HEADS, centre_queries=True, weight_values=False, balance=False)
+    q = case["xq"] @ case["w_q"].T + case["b_q"]
+    q = q - q.mean(0)
+    hd = D // HEADS
+    ratios = []
+    for seed in (1, 2):
+        e = torch.randn(D, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        var = sum(((q[:, h * hd:(h + 1) * hd] @ e[h * hd:(h + 1) * hd]) ** 2).mean() for h in range(HEADS))
+        ratios.append(float((g[:D, :D] @ e).square().sum() / var))
+    assert ratios[0] == pytest.approx(ratios[1], rel=1e-4)
+    torch.testing.assert_close(g[D:, D:], torch.eye(D, dtype=torch.float64))
+    cov = stats.centred()  # K keeps its plain energy: no rebalancing against V
+    k = case["w"][:D]
+    assert float(torch.trace(g[:D, :D] @ k @ cov @ k.T @ g[:D, :D].T)) == pytest.approx(
+        float(torch.trace(k @ cov @ k.T)), rel=1e-9)

@@ -14,7 +14,7 @@ test_gqa = conformance_test(GqaBuilder(), [{"kv_heads": 1}, {"kv_heads": 2},
                                            {"kv_heads": 1, "align": True}])
 test_mla = conformance_test(MlaBuilder(), [{"rank": 16, "init": "svd"}, {"rank": 16, "init": "activation"},
                                            {"rank": 24, "init": "svd", "absorb": False},
-                                           {"rank": 16, "init": "attention"},
+                                           {"rank": 16, "init": "attention"}, {"rank": 16, "init": "scores"},
                                            {"rank": 16, "init": "activation", "refit": True}])
 test_mla_decoder_only = conformance_test(MlaBuilder(), [{"rank": 16, "init": "activation"}],
                                          kinds=("decoder.self", "decoder.cross"), checks=("roundtrip", "cache"))
