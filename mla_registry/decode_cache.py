@@ -8,7 +8,9 @@ apply), so the host's ``WhisperAttention`` and every plugin module work unchange
 
 What a module may rely on (the plugin guide in README.md repeats it): the tensors ``update`` returns are the
 cached prefix, ``[B, heads, T, D]`` for whatever ``heads``/``D`` the module stores (MLA stores ``[B, 1, T, rank]``
-and a zero-width value), possibly non-contiguous along the batch axis, and must not be written in place.
+and a zero-width value), possibly non-contiguous along the batch axis, and must not be written in place. A module
+that replaces the layer's ``keys``/``values`` itself (a sliding window trimming its entry, as the guide allows
+for a ``DynamicLayer``) keeps working: the layer sees it and grows those tensors by concatenation from then on.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ class PreallocatedLayer(DynamicLayer):
         self.length = 0
         self._k: torch.Tensor | None = None
         self._v: torch.Tensor | None = None
+        self._view_k = self._view_v = None  # what this layer last handed out as keys / values
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """Allocate both buffers from the first call's shapes (the module decides what it stores)."""
@@ -39,6 +42,10 @@ class PreallocatedLayer(DynamicLayer):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Write the new positions after the filled ones; return the filled prefix (views, no copy)."""
+        if self._k is not None and (self.keys is not self._view_k or self.values is not self._view_v):
+            self._k = self._v = None  # the module replaced its entry: from now on, a plain DynamicLayer
+        if self.is_initialized and self._k is None:
+            return super().update(key_states, value_states, *args, **kwargs)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         new = key_states.shape[-2]
@@ -52,14 +59,16 @@ class PreallocatedLayer(DynamicLayer):
         return self.keys, self.values
 
     def _refresh(self) -> None:
-        self.keys = self._k[..., : self.length, :]
-        self.values = self._v[..., : self.length, :]
+        self.keys = self._view_k = self._k[..., : self.length, :]
+        self.values = self._view_v = self._v[..., : self.length, :]
 
     def get_max_length(self) -> int:
         return self.capacity
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         """Keep only the rows ``indices`` (finished sequences dropped): the buffers shrink with the batch."""
+        if self.is_initialized and self._k is None:
+            return super().batch_select_indices(indices)
         if self.is_initialized:
             self._k, self._v = self._k[indices], self._v[indices]
             self._refresh()
@@ -69,7 +78,7 @@ class PreallocatedLayer(DynamicLayer):
 
     def reset(self) -> None:
         self.length = 0
-        if self.is_initialized:
+        if self._k is not None:
             self._refresh()
 
 

@@ -112,8 +112,9 @@ class LastLogits:
     """The output projection (51864 x d, the largest weight a step reads) for the last position, through a
     copy of the weight prepacked for oneDNN on CPU when this torch has it.
 
-    Measured on the 2-core EPYC (bench/README.md): ``F.linear`` against the tied ``[vocab, d]`` weight takes
-    about 2x the time of reading the weight once at batch 1 and 2.5x the prepacked call at batch 16. The packed
+    Measured on the 2-core EPYC (bench/README.md): ``F.linear`` against the tied ``[vocab, d]`` weight took 1.6x
+    to 2.7x the time of the prepacked call at batch 1 to 16, and about 2x the time of reading the weight once at
+    batch 1; the tokens stay generate()'s (tests/test_decoding.py). The packed
     copy costs one more weight's memory (80 MB for tiny.en) and is made when the step is built: weights changed
     afterwards are not seen (evaluation builds one step per transcription)."""
 

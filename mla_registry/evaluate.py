@@ -6,7 +6,9 @@ Encoder outputs can be shared between models whose encoders are identical
 bounded in memory), so comparing N decoder variants costs one encoder pass. A test set opened lazily is read batch
 by batch (each file when its batch is transcribed), so memory does not grow with the test set.
 Utterances longer than Whisper's 30-second window are transcribed whole with transformers' long-form
-(sequential, timestamped) decoding, never cut: the same path for every model compared.
+(sequential, timestamped) decoding, never cut: the same path for every model compared. Greedy windows decode
+through :mod:`mla_registry.decoding` (``decoder: loop``, the default: generate()'s tokens with less per-step
+overhead) or through ``generate()`` (``decoder: generate``); beam search always uses ``generate()``.
 """
 
 from __future__ import annotations

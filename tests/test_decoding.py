@@ -110,3 +110,13 @@ def test_preallocated_layer_fills_one_buffer_in_place():
     assert torch.equal(layer.keys, torch.cat([a, b], dim=-2)[1:])
     with pytest.raises(RuntimeError, match="holds 5 positions"):
         layer.update(torch.randn(1, 3, 3, 4), torch.randn(1, 3, 3, 4))
+
+
+def test_a_module_that_replaces_its_entry_keeps_a_dynamic_layer():
+    """The plugin guide lets a module trim its cache entry (a sliding window); the preallocated layer then grows
+    the module's tensors as a DynamicLayer would instead of overwriting them."""
+    layer = PreallocatedLayer(capacity=8)
+    layer.update(torch.ones(1, 1, 3, 2), torch.ones(1, 1, 3, 2))
+    layer.keys, layer.values = layer.keys[..., -2:, :], layer.values[..., -2:, :]  # keep the last two
+    keys, _ = layer.update(torch.zeros(1, 1, 1, 2), torch.zeros(1, 1, 1, 2))
+    assert keys.shape[-2] == 3 and torch.equal(keys[..., -1, :], torch.zeros(1, 1, 2))

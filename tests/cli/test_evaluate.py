@@ -17,7 +17,7 @@ def test_evaluate_prints_and_writes(invoke, tiny_base, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["utterances"] == 1 and metrics["decoding"] == {"batch_size": 16, "num_beams": 1,
                                                                   "max_new_tokens": 4, "language": None,
-                                                                  "task": "transcribe"}
+                                                                  "task": "transcribe", "decoder": "loop"}
     assert "| all " in result.output  # the github table
     assert invoke("evaluate", "--model", tiny_base, "--data", DATA, "--max-new-tokens", "4", "--out", out,
                   "--quiet").exit_code == 0  # a previous evaluation's directory may be written again
@@ -28,7 +28,8 @@ def test_evaluate_prints_and_writes(invoke, tiny_base, tmp_path):
     (["--max-new-tokens", "0"], "--max-new-tokens"), (["--max-new-tokens", "100000"], "--max-new-tokens: 100000"),
     (["--max-new-tokens", "447"], "446 after its prompt"), (["--limit", "0"], "--limit"),
     (["--device", "cuda"], "no CUDA GPU"), (["--device", "quantum"], "not a torch device"),
-    (["--format", "nosuch"], "--format"), (["--batch-size", "many"], "--batch-size"),
+    (["--format", "nosuch"], "--format"), (["--decoder", "beam"], "--decoder"),
+    (["--batch-size", "many"], "--batch-size"),
 ])
 def test_bad_options_are_usage_errors(invoke, tiny_base, args, message):
     import torch
