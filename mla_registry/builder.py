@@ -218,7 +218,9 @@ def checked_kwargs(builder: AttentionBuilder, kwargs: Mapping[str, Any], slots: 
         out = builder.validate(kwargs, where=where)
         for slot in slots:
             builder.check_slot(slot, out)
-    except KwargError:
+    except KwargError as exc:
+        if where and not str(exc).startswith(where):  # a plugin's own message: say where the kwargs came from
+            raise KwargError(f"{where}: {exc}") from None
         raise
     except Exception as exc:  # noqa: BLE001 - see the docstring
         raise KwargError(f"{where}: plugin '{builder.name}' ({builder.package or type(builder).__module__}) "
