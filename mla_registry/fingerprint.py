@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,3 +29,14 @@ def of_tensors(state: nn.Module | Mapping[str, torch.Tensor], h: Any = None) -> 
 def of_json(obj: Any) -> str:
     """sha256 of ``obj`` as canonical JSON (sorted keys; non-JSON values by ``str``)."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def of_file(path: Path) -> str | None:
+    """sha256 of a file's bytes, read in 1 MiB blocks (None when there is no such file)."""
+    if not path.is_file():
+        return None
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

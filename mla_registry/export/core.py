@@ -6,7 +6,6 @@ versions that wrote the export, so an exported model found on its own can be tra
 
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 from pathlib import Path
@@ -22,16 +21,6 @@ PROVENANCE = "mla_registry_export.json"
 FORMATS = ("transformers", "ctranslate2", "onnx")
 
 
-def _file_sha256(path: Path) -> str | None:
-    if not path.is_file():
-        return None
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def provenance(ckpt_dir: str | Path, fmt: str, details: dict[str, Any] | None = None) -> dict[str, Any]:
     """What :data:`PROVENANCE` records for an export of ``ckpt_dir`` to ``fmt``."""
     ckpt_dir = Path(ckpt_dir)
@@ -40,7 +29,7 @@ def provenance(ckpt_dir: str | Path, fmt: str, details: dict[str, Any] | None = 
         "format": fmt,
         "source_checkpoint": str(ckpt_dir.resolve()),
         "manifest_fingerprint": fingerprint.of_json(manifest),
-        "weights_sha256": _file_sha256(ckpt_dir / "model.safetensors"),
+        "weights_sha256": fingerprint.of_file(ckpt_dir / "model.safetensors"),
         "attention": [{"slot": s.get("slot"), "plugin": s.get("plugin"), "kwargs": s.get("kwargs")}
                       for s in manifest.get("slots", [])],
         "source_provenance": manifest.get("provenance", {}),
