@@ -38,17 +38,28 @@ def _export(module: torch.nn.Module, args: tuple, path: Path, inputs: list[str],
 
 
 def write_onnx(model: torch.nn.Module, processor, out: Path) -> dict[str, Any]:
-    """Trace the three graphs of ``model`` (float32, CPU) into ``out``; returns what ``graphs.json`` says."""
+    """Trace the three graphs of ``model`` (float32, CPU) into ``out``; returns what ``graphs.json`` says.
+    ``model`` is left in the mode it came in: ``torch.onnx.export`` restores the *wrapper's* mode after tracing,
+    and a wrapper built in training mode would switch the whole model to training (MLA then re-expands K/V
+    every step: 16x slower decoding, measured)."""
     _require_onnx()
-    model = model.float().cpu().eval()
+    was_training = model.training
+    try:
+        return _write_onnx(model.float().cpu().eval(), processor, out)
+    finally:
+        model.train(was_training)
+
+
+def _write_onnx(model: torch.nn.Module, processor, out: Path) -> dict[str, Any]:
     cfg = model.config
     feats = torch.zeros(2, cfg.num_mel_bins, 2 * cfg.max_source_positions)
     with torch.no_grad():
         hidden = model.get_encoder()(feats).last_hidden_state
         layout = learn_layout(model, hidden, model.generation_config.decoder_start_token_id)
-        cross = CrossCacheGraph(model, layout)
+        cross = CrossCacheGraph(model, layout).eval()
         cross_tensors = cross(hidden)
-        _export(EncoderGraph(model), (feats,), out / "encoder.onnx", ["input_features"], ["encoder_hidden_states"],
+        _export(EncoderGraph(model).eval(), (feats,), out / "encoder.onnx", ["input_features"],
+                ["encoder_hidden_states"],
                 {"input_features": {0: "batch"}, "encoder_hidden_states": {0: "batch"}})
         cross_names = layout.names("cross")
         _export(cross, (hidden,), out / "cross_cache.onnx", ["encoder_hidden_states"], cross_names,
@@ -57,7 +68,7 @@ def write_onnx(model: torch.nn.Module, processor, out: Path) -> dict[str, Any]:
         self_in = [torch.zeros(2, e.heads, 3, e.width) for e in layout.entries("self")]
         self_names = layout.names("self")
         ids, pos = torch.full((2, 1), model.generation_config.decoder_start_token_id), torch.tensor([3])
-        step = DecoderStepGraph(model, layout)
+        step = DecoderStepGraph(model, layout).eval()
         dynamic = {"input_ids": {0: "batch"}, "logits": {0: "batch"},
                    **{f"past.{n}": {0: "batch", 2: "past"} for n in self_names},
                    **{f"present.{n}": {0: "batch", 2: "tokens"} for n in self_names},

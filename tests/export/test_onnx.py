@@ -80,3 +80,15 @@ def test_evaluate_command_with_onnxruntime_backend(onnx_exports):
                                       "--data", "builtin:real?source=jfk", "--max-new-tokens", "8", "-q"])
     assert result.exit_code == 0, result.output
     assert "backend onnxruntime" in result.output and "cross.0.key 1x2x1500x64" in result.output
+
+
+def test_write_onnx_leaves_the_model_in_its_mode(ckpt_tokens, tmp_path):
+    """torch.onnx.export restores its wrapper's mode after tracing; a wrapper left in training mode used to
+    switch the whole model to training, so MLA stopped absorbing and decoded 16x slower after an export."""
+    from mla_registry.export.onnx import write_onnx
+
+    model, _ = ckpt_tokens["mla"]
+    _, processor = model_refs.load("bundled:whisper-tiny.en")
+    assert not any(m.training for m in model.modules())
+    write_onnx(model, processor, tmp_path)
+    assert not any(m.training for m in model.modules())
