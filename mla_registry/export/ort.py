@@ -6,6 +6,7 @@ the first generated token), finished rows padded with end-of-text, until every r
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ class CacheHeld:
     """Bytes per sample of the cache tensors the loop really passed (read from the arrays, not declared)."""
 
     self_per_token: float = 0.0
+    self_tokens: int = 0  # positions in the self-attention cache at the end (prompt included)
     cross_per_frame: float = 0.0
     cross_per_utterance: float = 0.0
     shapes: dict[str, list[int]] = field(default_factory=dict)
@@ -60,8 +62,11 @@ class OrtWhisper:
     def encode(self, features: np.ndarray) -> np.ndarray:
         return self.sessions["encoder"].run(None, {"input_features": features.astype(np.float32)})[0]
 
-    def generate(self, encoder_hidden_states: np.ndarray, max_new_tokens: int) -> list[list[int]]:
-        """Greedy token ids per row: the prompt, the generated tokens, and end-of-text where a row ended."""
+    def generate(self, encoder_hidden_states: np.ndarray, max_new_tokens: int, min_new_tokens: int = 0,
+                 clock: Callable[[], None] | None = None) -> list[list[int]]:
+        """Greedy token ids per row: the prompt, the generated tokens, and end-of-text where a row ended (not
+        before ``min_new_tokens``: the benchmark's forced length). ``clock``, when given, is called after every
+        step whose logits choose a token (the benchmark's step timer)."""
         info, lay = self.info, self.layout
         batch = encoder_hidden_states.shape[0]
         cross_names = lay.names("cross")
@@ -88,7 +93,11 @@ class OrtWhisper:
                 logits[:, suppress] = -np.inf
             if pos + 1 == len(prompt) and len(begin):
                 logits[:, begin] = -np.inf
+            if pos + 1 - len(prompt) < min_new_tokens:
+                logits[:, eos] = -np.inf
             nxt = logits.argmax(axis=-1)
+            if clock is not None:
+                clock()
             for i in range(batch):
                 rows[i].append(eos[0] if done[i] else int(nxt[i]))
                 done[i] |= rows[i][-1] in eos
@@ -96,7 +105,7 @@ class OrtWhisper:
                 break
         tokens = next(iter(past.values())).shape[2] if past else 0
         self.last_cache = CacheHeld(
-            self_per_token=sum(a[0].nbytes for a in past.values()) / max(tokens, 1),
+            self_per_token=sum(a[0].nbytes for a in past.values()) / max(tokens, 1), self_tokens=tokens,
             cross_per_frame=sum(a[0].nbytes / a.shape[2] for a in cross.values()),
             cross_per_utterance=sum(a[0].nbytes for a in cross.values()),
             shapes={**{n: list(a.shape) for n, a in past.items()}, **{n: list(a.shape) for n, a in cross.items()}})
