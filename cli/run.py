@@ -51,6 +51,8 @@ def command(config: str, force: bool, check: bool, fmt: str, quiet: bool) -> Non
                f"disk {reuse['spilled_batches']}, recomputed {reuse['recomputed_batches']})")
     if results.get("tradeoff_png"):
         click.echo(f"wrote {results['tradeoff_png']}")
+        if results.get("loss_vs_wer_png"):
+            click.echo(f"wrote {results['loss_vs_wer_png']}")
     else:
         from mla_registry.plot import INSTALL_HINT
 

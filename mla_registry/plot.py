@@ -1,17 +1,20 @@
-"""The accuracy/memory trade-off of one run's variants: test WER against KV-cache bytes per utterance, with the
-Pareto front. matplotlib (the optional ``plot`` extra) is imported lazily, Agg canvas only, no pyplot state."""
+"""The figures of one run: test WER against KV-cache bytes per utterance with the Pareto front (``tradeoff.png``),
+test WER against validation CE (``loss_vs_wer.png``), fine-tuning curves (``curves.png``). matplotlib (the
+optional ``plot`` extra) is imported lazily, Agg canvas only, no pyplot state."""
 
 from __future__ import annotations
 
 import io
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
+from . import stats
 from .atomic import write_bytes
 from .errors import ExperimentError
-from .report import RunLike, load_run
+from .report import RunLike, load_run, valid_ce
 
-INSTALL_HINT = "pip install 'mla-registry[plot]' to draw tradeoff.png"
+INSTALL_HINT = "pip install 'mla-registry[plot]' to draw tradeoff.png and loss_vs_wer.png"
 
 
 def kv_bytes_per_utterance(metrics: dict[str, Any]) -> float | None:
@@ -92,6 +95,50 @@ def curves_plot(run_dir: RunLike) -> Path | None:
     return _save(fig, run.dir / "curves.png")
 
 
+def _labelled_points(ax, names: list[str], pts: list[tuple[float, float]], base: str | None,
+                     hollow: Collection[str] = ()) -> None:
+    """One labelled point per variant; the baseline a red star, the ``hollow`` names drawn as rings."""
+    for name, (x, y) in zip(names, pts):
+        is_base = name == base
+        colour = "tab:red" if is_base else "tab:blue"
+        ax.scatter([x], [y], marker="*" if is_base else "o", s=160 if is_base else 40, zorder=2,
+                   color="none" if name in hollow and not is_base else colour, edgecolors=colour,
+                   label="baseline" if is_base else None)
+        ax.annotate(name + (" (baseline)" if is_base else ""), (x, y), textcoords="offset points", xytext=(5, 5),
+                    fontsize=8)
+
+
+def loss_vs_wer_plot(run_dir: RunLike) -> Path | None:
+    """Draw ``run_dir/loss_vs_wer.png`` (written atomically): test WER against validation CE, one labelled point
+    per variant (baseline starred, fine-tuned variants as rings), Spearman's rho in the title. ``None`` when no
+    variant has a validation CE (the run had no ``data.valid``) or matplotlib is missing."""
+    run = load_run(run_dir)
+    rows = [(v["name"], valid_ce(v), 100 * float(v["metrics"]["wer"]), bool(v.get("finetuned")))
+            for v in run.variants if valid_ce(v) is not None]
+    fig = _figure() if rows else None
+    if fig is None:
+        return None
+    ax = fig.add_subplot()
+    names, pts = [r[0] for r in rows], [(r[1], r[2]) for r in rows]
+    _labelled_points(ax, names, pts, run.results.get("baseline"), hollow={r[0] for r in rows if r[3]})
+    base = run.results.get("baseline")
+    for tuned, label in ((False, "not fine-tuned"), (True, "fine-tuned")):
+        if any(r[3] == tuned and r[0] != base for r in rows):  # legend entries for the two kinds of point
+            ax.scatter([], [], marker="o", color="none" if tuned else "tab:blue", edgecolors="tab:blue",
+                       label=label)
+    rho = stats.spearman([p[0] for p in pts], [p[1] for p in pts])
+    vset = (run.results.get("data") or {}).get("validation") or {}
+    ax.set_xlabel(f"validation CE per token (teacher-forced, {vset.get('ref', 'data.valid')})")
+    ax.set_ylabel("test WER (%)")
+    ax.set_title(f"{run.results.get('experiment') or run.dir.name}: Spearman "
+                 + (f"{rho:+.3f}" if rho is not None else "n/a") + f" over {len(pts)} variants")
+    ax.margins(0.1)
+    ax.grid(True, alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    return _save(fig, run.dir / "loss_vs_wer.png")
+
+
 def tradeoff_plot(run_dir: RunLike) -> Path | None:
     """Draw ``run_dir/tradeoff.png`` (written atomically) and return its path; ``None`` when matplotlib is not
     installed (print :data:`INSTALL_HINT` then)."""
@@ -114,13 +161,7 @@ def tradeoff_plot(run_dir: RunLike) -> Path | None:
     if len(front) > 1:
         ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "-", color="tab:green", alpha=0.6,
                 label="Pareto front", zorder=1)
-    for name, (x, y) in zip(names, pts):
-        is_base = name == base
-        ax.scatter([x], [y], marker="*" if is_base else "o", s=160 if is_base else 40,
-                   color="tab:red" if is_base else "tab:blue", zorder=2,
-                   label="baseline" if is_base else None)
-        ax.annotate(name + (" (baseline)" if is_base else ""), (x, y), textcoords="offset points", xytext=(5, 5),
-                    fontsize=8)
+    _labelled_points(ax, names, pts, base)
     xs = [p[0] for p in pts]
     if min(xs) > 0 and max(xs) / min(xs) > 20:
         ax.set_xscale("log")

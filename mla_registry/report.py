@@ -58,7 +58,8 @@ _HEADERS = {  # key of a comparison row -> (header, ascii header)
     "sdi": ("S/D/I", "S/D/I"),
     "delta_wer": ("ΔWER pp [95% CI]", "dWER pp [95% CI]"),
     "p_improve": ("P(improve)", "P(improve)"),
-    "valid_loss": ("valid loss", "valid loss"),
+    "valid_ce": ("valid CE", "valid CE"),
+    "valid_loss": ("FT valid loss", "FT valid loss"),
     "tokens_per_s": ("tok/s", "tok/s"),
     "rtf": ("RTF", "RTF"),
 }
@@ -179,10 +180,17 @@ def _fmt(x: float | None, spec: str) -> str:
     return "" if x is None else format(x, spec)
 
 
+def valid_ce(v: dict[str, Any]) -> float | None:
+    """A variant's validation CE (teacher-forced cross entropy on the run's ``data.valid``), if it has one: its
+    results.json entry's, or (an entry without the key) its metrics'."""
+    return _num(v, "valid_ce") if "valid_ce" in v else _num(v.get("metrics") or {}, "valid_ce")
+
+
 def comparison_rows(run_dir: RunLike, n_resamples: int = 1000, seed: int = 0) -> list[dict[str, str]]:
     """One row per variant (display strings keyed as in ``_HEADERS``): attention, size, KV cache (absolute and
     relative to the baseline), WER/CER, S/D/I, ΔWER in percentage points with its paired-bootstrap 95 % CI,
-    P(improve), validation loss and speed. ΔWER columns are blank when the baseline is not among the variants."""
+    P(improve), validation CE (every variant), the fine-tune's best validation loss (its own objective) and
+    speed. ΔWER columns are blank when the baseline is not among the variants."""
     run = load_run(run_dir)
     if (n_resamples, seed) in run._rows:  # the bootstrap is computed once per run, whatever prints it
         return run._rows[(n_resamples, seed)]
@@ -220,6 +228,7 @@ def comparison_rows(run_dir: RunLike, n_resamples: int = 1000, seed: int = 0) ->
             "sdi": f"{m['substitutions']}/{m['deletions']}/{m['insertions']}",
             "delta_wer": delta,
             "p_improve": p_imp,
+            "valid_ce": _fmt(valid_ce(v), ".4f"),
             "valid_loss": _fmt(_num(v, "valid_loss"), ".4f"),
             "tokens_per_s": _fmt(_num(m, "decode_tokens_per_second"), ".1f"),
             "rtf": _fmt(_num(m, "real_time_factor"), ".3f"),
@@ -273,8 +282,20 @@ def group_table(run_dir: RunLike, key: str = "voice", fmt: str = "simple") -> st
     return _render(headers, rows, fmt)
 
 
+def _spearman_line(pairs: list[tuple[float, float]], what: str, over: str, fewer: str) -> str:
+    rho = stats.spearman([p[0] for p in pairs], [p[1] for p in pairs]) if len(pairs) >= 3 else None
+    if len(pairs) < 3:
+        corr = f"n/a: {fewer}"
+    elif rho is None:
+        corr = f"n/a: constant {what} or test WER over {over}"
+    else:
+        corr = f"{rho:+.3f} over {over}"
+    return f"Spearman rank correlation between {what} and test WER: {corr}."
+
+
 def footer_lines(run_dir: RunLike, n_resamples: int = 1000, seed: int = 0) -> list[str]:
-    """How to read the tables: the ΔWER convention, Spearman(valid loss, test WER), normaliser, decoding, data."""
+    """How to read the tables: the ΔWER convention, Spearman(validation CE, test WER) over every variant that has
+    one and Spearman(fine-tune validation loss, test WER) over the fine-tuned ones, normaliser, decoding, data."""
     run = load_run(run_dir)
     results = run.results
     base = results.get("baseline")
@@ -285,16 +306,31 @@ def footer_lines(run_dir: RunLike, n_resamples: int = 1000, seed: int = 0) -> li
                      "variant's WER is lower.")
     else:
         lines.append(f"ΔWER: n/a, the baseline {base!r} is not among the variants.")
+    with_ce = [v for v in run.variants if valid_ce(v) is not None]
+    n_tuned = sum(bool(v.get("finetuned")) for v in with_ce)
+    vset = (results.get("data") or {}).get("validation") or {}
+    lines.append(_spearman_line(
+        [(valid_ce(v), float(v["metrics"]["wer"])) for v in with_ce], "validation CE",
+        f"{len(with_ce)} of {len(run.variants)} variants ({n_tuned} fine-tuned)",
+        "fewer than 3 variants have one" if with_ce or vset else "no validation CE (the run had no data.valid)"))
     tuned = [(float(v["valid_loss"]), float(v["metrics"]["wer"])) for v in run.variants
              if _num(v, "valid_loss") is not None]
-    rho = stats.spearman([t[0] for t in tuned], [t[1] for t in tuned]) if len(tuned) >= 3 else None
-    if len(tuned) < 3:
-        corr = "n/a: fewer than 3 fine-tuned variants"
-    elif rho is None:
-        corr = f"n/a: constant validation loss or test WER over {len(tuned)} variants"
-    else:
-        corr = f"{rho:+.3f} over {len(tuned)} fine-tuned variants"
-    lines.append(f"Spearman rank correlation between validation loss and test WER: {corr}.")
+    objectives = sorted({str(v.get("finetune_objective")) for v in run.variants
+                         if _num(v, "valid_loss") is not None and v.get("finetune_objective")})
+    lines.append(_spearman_line(tuned, "the fine-tune's best validation loss", f"{len(tuned)} fine-tuned variants",
+                                "fewer than 3 fine-tuned variants"))
+    losses = []
+    if with_ce:
+        n = vset.get("utterances", "?")
+        where = f"{vset['ref']} ({n} utterance{'' if n == 1 else 's'})" if vset.get("ref") else "data.valid"
+        losses.append(f"valid CE: teacher-forced cross entropy per token on the transcripts of {where}, computed "
+                      "alike for every variant on its model reloaded from disk")
+    if tuned:
+        losses.append("FT valid loss: the fine-tune's best validation loss under its own objective ("
+                      + (", ".join(objectives) or "see its config") + "), not comparable with valid CE when that "
+                      "objective includes distillation")
+    if losses:
+        lines.append("; ".join(losses) + ".")
     norms = sorted({str(v["metrics"].get("normalizer", "?")) for v in run.variants})
     norm = norms[0] if len(norms) == 1 else "MIXED (WERs not comparable): " + ", ".join(norms)
     dec = results.get("decoding") or {}
@@ -318,8 +354,11 @@ def write_reports(run_dir: RunLike, n_resamples: int = 1000, seed: int = 0) -> R
     for key in ("voice", "source"):
         parts += [f"## WER % by {key}", "", group_table(run, key, "github"), ""]
     parts += [f"- {line}" for line in footer_lines(run, n_resamples, seed)] + [""]
-    if (run.dir / "tradeoff.png").exists():
-        parts += ["![WER against KV cache](tradeoff.png)", ""]
+    figures = [f"![{alt}]({name})" for name, alt in (("tradeoff.png", "WER against KV cache"),
+                                                       ("loss_vs_wer.png", "validation CE against WER"))
+               if (run.dir / name).exists()]
+    if figures:
+        parts += [" ".join(figures), ""]  # one paragraph: side by side where the page is wide enough
     write_text(run.dir / "report.md", "\n".join(parts))
     write_text(run.dir / "report.csv", _comparison_from_rows(rows, "csv"))
     return run

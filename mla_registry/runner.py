@@ -1,10 +1,17 @@
 """Run an experiment: for each variant convert (and fine-tune), save a checkpoint, reload it from disk, and
 evaluate it on the same test data with the same settings; then write the comparison.
 
+With ``data.valid`` every variant (baseline, untrained, fine-tuned alike) also gets its teacher-forced cross
+entropy on the validation transcripts (:func:`~mla_registry.finetune.validation_ce`, one pass on the same model
+reloaded from disk), ``valid_ce`` in its metrics, so the report can rank validation loss against test WER over
+every row.
+
 Resume: a variant is done when its ``metrics.json`` carries both of its current fingerprints (build: what makes
 the checkpoint; evaluation: data, decoding, dtype); a checkpoint whose manifest carries the build fingerprint is
-reused, so changing ``max_new_tokens`` re-evaluates every variant without re-converting any. Every file is
-written atomically, so an interrupted run leaves only finished files behind. ``force=True`` recomputes all.
+reused, so changing ``max_new_tokens`` re-evaluates every variant without re-converting any. The validation CE
+has a fingerprint of its own (build, validation data, dtype): a finished variant without a current one gets only
+that computed. Every file is written atomically, so an interrupted run leaves only finished files behind.
+``force=True`` recomputes all.
 """
 
 from __future__ import annotations
@@ -15,16 +22,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+from torch import nn
 from tqdm.auto import tqdm
 
-from . import checkpoint, data, distributed, lineage, model_refs
+from . import checkpoint, data, distributed, fingerprint, lineage, model_refs
 from .atomic import write_json
 from .convert import convert_model
 from .encoder_cache import EncoderOutputs, GiB
 from .errors import ExperimentError
 from .evaluate import evaluate
 from .experiments import Experiment, Variant
-from .finetune import FinetuneCaches
+from .finetune import FinetuneCaches, validation_ce
 from .process_memory import limit_heap_growth, peak_rss_bytes
 
 RESULTS = "results.json"
@@ -112,6 +120,39 @@ def load_test_data(exp: Experiment, quiet: bool) -> tuple[list, dict[str, Any]]:
     return utts, desc
 
 
+def load_valid_data(exp: Experiment, quiet: bool) -> tuple[list, dict[str, Any]] | None:
+    """The validation utterances (``data.valid``) and their description for the results; ``None`` when the
+    experiment has none, or when some lack a transcript (a cross entropy needs every one)."""
+    if not exp.data.valid:
+        return None
+    utts = data.load(exp.data.valid, quiet=quiet, lazy=True)
+    missing = sum(not u.text.strip() for u in utts)
+    if not utts or missing:
+        _log(f"data.valid {exp.data.valid!r}: {missing} of {len(utts)} utterances have no transcript: no "
+             "validation CE", quiet)
+        return None
+    return utts, {"ref": exp.data.valid, "utterances": len(utts), "fingerprint": data.fingerprint_of(utts)}
+
+
+def _valid_fingerprint(exp: Experiment, build: str, valid_desc: dict[str, Any]) -> str:
+    """What the validation CE of a variant depends on: its build, the validation data, the evaluation dtype."""
+    return fingerprint.of_json({"valid_ce": 1, "build": build, "data": valid_desc["fingerprint"],
+                                "dtype": exp.dtype})[:16]
+
+
+def _valid_ce(model, processor, valid: tuple[list, dict], vfp: str, exp: Experiment, shared: EncoderOutputs,
+              quiet: bool, name: str) -> dict[str, Any]:
+    """The metrics entries of a variant's validation CE (``valid_ce`` and ``valid_ce_info``)."""
+    utts, desc = valid
+    info = {"ref": desc["ref"], "fingerprint": vfp}
+    if not isinstance(model, nn.Module):  # an exported runtime: no teacher forcing through it
+        return {"valid_ce": None, "valid_ce_info": {**info, "skipped": "not a PyTorch model"}}
+    out = validation_ce(model, processor, utts, exp.decoding.batch_size, encoder_outputs=shared, quiet=quiet)
+    _log(f"[{name}] validation CE {out['ce']:.4f} ({out['utterances']} utterances, {out['tokens']} tokens, "
+         f"{out['seconds']:.1f} s)", quiet)
+    return {"valid_ce": out.pop("ce"), "valid_ce_info": {**info, **out}}
+
+
 def run(exp: Experiment, force: bool = False, quiet: bool = False) -> dict[str, Any]:
     """Run every variant of ``exp`` and write ``results.json`` and the reports under ``exp.run_dir``."""
     from . import plot, report
@@ -123,16 +164,17 @@ def run(exp: Experiment, force: bool = False, quiet: bool = False) -> dict[str, 
     t_start = time.perf_counter()
     limit_heap_growth()
     utts, data_desc = load_test_data(exp, quiet)
+    valid = load_valid_data(exp, quiet)
     base_processor = model_refs.load_processor(exp.base_model)
     shared = EncoderOutputs(int(exp.encoder_cache_gib * GiB), spill_dir=run_dir / ".encoder-outputs",
                             keep=exp.keep_encoder_cache)
     builder = _Variants(exp, force, quiet)
     try:
-        entries = _run_variants(exp, builder, utts, data_desc, base_processor, shared, quiet)
+        entries = _run_variants(exp, builder, utts, valid, data_desc, base_processor, shared, quiet)
     finally:
         shared.close()
         builder.finetune_caches.close()
-    results = _write_results(exp, entries, data_desc)
+    results = _write_results(exp, entries, data_desc, valid)
     if not world.is_main:
         return results
     results["wall_seconds_this_invocation"] = time.perf_counter() - t_start
@@ -140,14 +182,16 @@ def run(exp: Experiment, force: bool = False, quiet: bool = False) -> dict[str, 
     results["audio_hours"] = sum(u.duration for u in utts) / 3600
     results["peak_rss_bytes"] = peak_rss_bytes()
     png = plot.tradeoff_plot(run_dir)
+    loss_png = plot.loss_vs_wer_plot(run_dir)
     plot.curves_plot(run_dir)
     results["report"] = report.write_reports(run_dir)
     results["tradeoff_png"] = str(png) if png else None
+    results["loss_vs_wer_png"] = str(loss_png) if loss_png else None
     return results
 
 
-def _run_variants(exp: Experiment, builder: _Variants, utts: list, data_desc: dict, base_processor,
-                  shared: EncoderOutputs, quiet: bool) -> list[dict[str, Any]]:
+def _run_variants(exp: Experiment, builder: _Variants, utts: list, valid: tuple[list, dict] | None,
+                  data_desc: dict, base_processor, shared: EncoderOutputs, quiet: bool) -> list[dict[str, Any]]:
     force = builder.force
     dtype = model_refs.parse_dtype(exp.dtype)
     entries = []
@@ -155,33 +199,50 @@ def _run_variants(exp: Experiment, builder: _Variants, utts: list, data_desc: di
         vdir = exp.run_dir / v.name
         build, evaluation = v.build_fingerprint(exp), v.eval_fingerprint(exp)
         metrics = distributed.broadcast(None if force else _done(vdir, build, evaluation))
+        vfp = _valid_fingerprint(exp, build, valid[1]) if valid is not None else None
+        need_valid = vfp is not None and (metrics is None or (metrics.get("valid_ce_info") or {}).get(
+            "fingerprint") != vfp)
         if metrics is not None:
             _log(f"[{v.name}] done earlier: WER {100 * metrics['wer']:.2f} % (not recomputed)", quiet)
-        else:
+        if metrics is None or need_valid:
             ref = builder.checkpoint(v, vdir, build)
             model = model_refs.load_model(ref, device=exp.device, dtype=dtype)  # always from disk
             processor = model_refs.load_processor(ref) if v.model else base_processor
-            _log(f"[{v.name}] evaluating {ref} on {len(utts)} utterances", quiet)
-            metrics = evaluate(model, processor, utts, exp.decoding, out_dir=vdir, encoder_outputs=shared,
-                               quiet=quiet, extra={"variant": v.name, "build_fingerprint": build,
-                                                   "eval_fingerprint": evaluation, "model": ref, "data": data_desc,
-                                                   "dtype": exp.dtype or "float32", "device": exp.device})
-            _log(f"[{v.name}] WER {100 * metrics['wer']:.2f} %", quiet)
+            ce = _valid_ce(model, processor, valid, vfp, exp, shared, quiet, v.name) if need_valid else {}
+            if metrics is None:
+                _log(f"[{v.name}] evaluating {ref} on {len(utts)} utterances", quiet)
+                metrics = evaluate(model, processor, utts, exp.decoding, out_dir=vdir, encoder_outputs=shared,
+                                   quiet=quiet, extra={"variant": v.name, "build_fingerprint": build,
+                                                       "eval_fingerprint": evaluation, "model": ref,
+                                                       "data": data_desc, "dtype": exp.dtype or "float32",
+                                                       "device": exp.device, **ce})
+                _log(f"[{v.name}] WER {100 * metrics['wer']:.2f} %", quiet)
+            else:  # evaluated earlier: only the validation CE was missing or stale
+                metrics = {**metrics, **ce}
+                if distributed.world().is_main:
+                    write_json(vdir / "metrics.json", metrics)
             del model
             gc.collect()
-        entries.append(_entry(v, vdir, metrics))
-        _write_results(exp, entries, data_desc)
+        entries.append(_entry(v, vdir, metrics, current_valid=valid is not None))
+        _write_results(exp, entries, data_desc, valid)
     return entries
 
 
-def _entry(v: Variant, vdir: Path, metrics: dict[str, Any]) -> dict[str, Any]:
-    valid_loss = None
+def _entry(v: Variant, vdir: Path, metrics: dict[str, Any], current_valid: bool) -> dict[str, Any]:
+    """A variant's row of results.json. ``valid_ce``: the run's validation CE (every variant alike; none when
+    the experiment has no ``data.valid`` now, whatever an earlier run left in ``metrics.json``); ``valid_loss``:
+    the fine-tune's best validation loss under its own ``finetune_objective`` (fine-tuned variants only)."""
+    valid_loss = objective = None
     ckpt = vdir / "checkpoint"
     if checkpoint.is_checkpoint(ckpt):
         finetunes = (checkpoint.provenance_of(checkpoint.read_manifest(ckpt) or {})).finetunes
-        valid_loss = finetunes[-1].get("best_valid_loss") if finetunes else None
+        if finetunes:
+            valid_loss = finetunes[-1].get("best_valid_loss")
+            objective = (finetunes[-1].get("config") or {}).get("objective")
     return {"name": v.name, "description": v.description, "source": metrics.get("model"),
-            "attention": metrics.get("attention", {}), "finetuned": bool(v.finetune), "valid_loss": valid_loss,
+            "attention": metrics.get("attention", {}), "finetuned": bool(v.finetune),
+            "valid_ce": metrics.get("valid_ce") if current_valid else None, "valid_loss": valid_loss,
+            "finetune_objective": objective,
             "dir": v.name, "metrics": metrics}
 
 
@@ -201,12 +262,14 @@ def _check_world(run_dir: Path, size: int, force: bool) -> None:
         )
 
 
-def _write_results(exp: Experiment, entries: list[dict], data_desc: dict) -> dict[str, Any]:
+def _write_results(exp: Experiment, entries: list[dict], data_desc: dict, valid: tuple[list, dict] | None
+                   ) -> dict[str, Any]:
     from dataclasses import asdict
 
     results = {"experiment": exp.name, "config_file": str(exp.path), "base_model": exp.base_model,
                "world_size": distributed.world().size, "baseline": exp.baseline,
-               "data": {**{k: v for k, v in asdict(exp.data).items() if k != "test"}, "test": data_desc},
+               "data": {**{k: v for k, v in asdict(exp.data).items() if k != "test"}, "test": data_desc,
+                        "validation": valid[1] if valid is not None else None},
                "decoding": asdict(exp.decoding), "variants": entries}
     if distributed.world().is_main:
         write_json(exp.run_dir / RESULTS, results)

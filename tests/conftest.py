@@ -1,5 +1,5 @@
-"""Shared fixtures: an isolated cache, a tiny random-weight Whisper, and installing a plugin through real
-entry-point metadata (a ``*.dist-info`` directory on ``sys.path``)."""
+"""Shared fixtures: an isolated cache, a tiny random-weight Whisper, a reference cross entropy, and installing a
+plugin through real entry-point metadata (a ``*.dist-info`` directory on ``sys.path``)."""
 
 from __future__ import annotations
 
@@ -60,6 +60,23 @@ def tiny_model():
     from mla_registry.testing import tiny_whisper
 
     return tiny_whisper
+
+
+@pytest.fixture(scope="session")
+def reference_ce():
+    """``reference_ce(model, processor, utts)``: the model's own loss (transformers' label cross entropy,
+    token-weighted) on the transcripts of ``utts`` in one batch: what a validation CE must equal."""
+    import torch
+
+    from mla_registry import whisper
+
+    def ce(model, processor, utts) -> float:
+        feats = whisper.input_features(processor, [u.audio for u in utts])
+        ids, labels, _ = whisper.teacher_forcing(model, processor.tokenizer, [u.text for u in utts])
+        with torch.no_grad():
+            return float(model.eval()(input_features=feats, decoder_input_ids=ids, labels=labels).loss)
+
+    return ce
 
 
 @pytest.fixture(autouse=True)

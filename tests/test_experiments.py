@@ -20,16 +20,16 @@ def tiny_base(tmp_path_factory, tiny_model):
     return path
 
 
-def write_yaml(tmp_path, base, variants: str, extra: str = "", decoding: str = "batch_size: 2, max_new_tokens: 6"
-               ) -> str:
+def write_yaml(tmp_path, base, variants: str, extra: str = "", decoding: str = "batch_size: 2, max_new_tokens: 6",
+               data: str = "") -> str:
     text = textwrap.dedent(f"""\
         name: tiny
         output_dir: {tmp_path / 'runs'}
         base_model: {base}
         data:
           test: "{TEST_DATA}"
-        decoding: {{{decoding}}}
-        """) + extra + "variants:\n" + textwrap.indent(textwrap.dedent(variants), "  ")
+        """) + data + f"decoding: {{{decoding}}}\n" + extra + "variants:\n" + textwrap.indent(
+        textwrap.dedent(variants), "  ")
     (tmp_path / "exp.yaml").write_text(text)
     return str(tmp_path / "exp.yaml")
 
@@ -90,6 +90,70 @@ def test_run_resume_and_report(tmp_path, tiny_base, monkeypatch):
         assert a["metrics"]["wer"] == b["metrics"]["wer"]
         assert (run_dir / a["name"] / "predictions.jsonl").read_text() == \
             (run_dir / b["name"] / "predictions.jsonl").read_text()
+
+
+VALID_DATA = "builtin:real?source=cmu_arctic_samples"  # 10 clips, none of them a test clip
+CE_VARIANTS = """\
+- name: base
+- name: mha
+  attention: {decoder.*: mha}
+- name: gqa-2
+  attention: {decoder.*: 'gqa:kv_heads=2'}
+- name: mla-ft
+  attention: {decoder.*: 'mla:rank=16,init=svd'}
+  finetune: {objective: ce, steps: 1, batch_size: 2, train_limit: 2, valid_limit: 2, warmup_steps: 0,
+             valid: "builtin:real?source=librispeech_dev_clean"}
+"""
+
+
+def test_validation_ce_of_every_variant_and_its_resume(tmp_path, tiny_base, monkeypatch, reference_ce):
+    from mla_registry import data
+
+    sets = f'  train: "builtin:real?source=librispeech_dev_clean"\n  valid: "{VALID_DATA}"\n'
+    path = write_yaml(tmp_path, tiny_base, CE_VARIANTS, data=sets)
+    ce_calls, evaluated = [], []
+    real_ce, real_evaluate = runner.validation_ce, runner.evaluate
+    monkeypatch.setattr(runner, "validation_ce", lambda *a, **k: ce_calls.append(1) or real_ce(*a, **k))
+    monkeypatch.setattr(runner, "evaluate", lambda *a, **k: evaluated.append(1) or real_evaluate(*a, **k))
+    results = runner.run(experiments.load(path), quiet=True)
+    run_dir = tmp_path / "runs" / "tiny"
+    ce = {v["name"]: v["valid_ce"] for v in results["variants"]}
+    assert len(ce_calls) == 4 and all(isinstance(x, float) for x in ce.values())
+    utts = data.load(VALID_DATA, quiet=True)
+    assert results["data"]["validation"]["utterances"] == len(utts) == 10
+    # the stock model's own loss on the transcripts, and the exact MHA re-expression gives the same figure
+    stock = reference_ce(model_refs.load_model(str(tiny_base)), model_refs.load_processor(str(tiny_base)), utts)
+    assert ce["base"] == pytest.approx(stock, rel=1e-5) and ce["mha"] == pytest.approx(stock, rel=1e-4)
+    tuned = next(v for v in results["variants"] if v["name"] == "mla-ft")
+    assert tuned["finetuned"] and tuned["finetune_objective"] == "ce" and isinstance(tuned["valid_loss"], float)
+    info = json.loads((run_dir / "gqa-2" / "metrics.json").read_text())["valid_ce_info"]
+    assert info["ref"] == VALID_DATA and info["utterances"] == 10 and info["tokens"] > 10
+    # one encoder for all four: 2 test + 5 validation batches computed once, reused by the other three
+    reuse = results["encoder_reuse"]
+    assert (reuse["computed_batches"], reuse["reused_batches"]) == (7, 21)
+    md = (run_dir / "report.md").read_text()
+    # (a random-weight model's WER is 100 % everywhere: no rank correlation, but every row counted)
+    assert "validation CE and test WER: n/a: constant validation CE or test WER over 4 of 4 variants (1 " \
+           "fine-tuned)" in md
+    if results["tradeoff_png"]:  # matplotlib installed: the scatter is drawn beside the trade-off
+        assert results["loss_vs_wer_png"] == str(run_dir / "loss_vs_wer.png")
+        assert "(tradeoff.png) ![validation CE against WER](loss_vs_wer.png)" in md
+
+    # a rerun recomputes nothing, except for a variant evaluated before validation CE existed: only its CE
+    ce_calls.clear(), evaluated.clear()
+    mpath = run_dir / "gqa-2" / "metrics.json"
+    old = json.loads(mpath.read_text())
+    mpath.write_text(json.dumps({k: v for k, v in old.items() if not k.startswith("valid_ce")}))
+    again = runner.run(experiments.load(path), quiet=True)
+    assert (len(ce_calls), evaluated) == (1, [])
+    assert json.loads(mpath.read_text())["valid_ce"] == old["valid_ce"] == again["variants"][2]["valid_ce"]
+    # another validation set (the fine-tune keeps its own): every CE again, no WER again
+    yaml_file = tmp_path / "exp.yaml"
+    yaml_file.write_text(yaml_file.read_text().replace(VALID_DATA, "builtin:real?source=jfk"))
+    ce_calls.clear()
+    other = runner.run(experiments.load(path), quiet=True)
+    assert (len(ce_calls), evaluated) == (4, [])
+    assert all(v["metrics"]["valid_ce_info"]["utterances"] == 1 for v in other["variants"])
 
 
 def test_errors_name_file_line_and_key(tmp_path, tiny_base):

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from mla_registry import checkpoint, lineage, model_refs
 from mla_registry import finetune as ft
 from mla_registry.convert import convert_model
-from mla_registry.errors import KwargError
+from mla_registry.errors import DataError, KwargError
 from mla_registry.finetune import FinetuneConfig, distill_kl, finetune, topk_teacher
 
 DATA = "builtin:real?source=librispeech_test_clean"  # 4 real clips: train and valid alike (a tiny overfit)
@@ -257,3 +257,44 @@ def test_cached_inputs_beyond_the_budget_go_to_disk_with_identical_training(tmp_
     assert all(torch.equal(a[n], b[n]) for n in a)
     caches.close()
     assert not (tmp_path / "inputs").exists()
+
+
+# --- the validation CE a run reports for every variant ---------------------------------------------------------
+
+def test_validation_ce_is_the_fine_tunes_cross_entropy(tmp_path, converted, processor, reference_ce):
+    from mla_registry import data
+    from mla_registry.encoder_cache import EncoderOutputs
+
+    utts = data.load(DATA, quiet=True)  # 4 clips: batches of 3 + 1, so weighting by tokens matters
+    out = ft.validation_ce(converted, processor, utts, batch_size=3, quiet=True)
+    assert (out["utterances"], out["tokens"] > 4 * 5) == (4, True)
+    assert out["ce"] == pytest.approx(reference_ce(converted, processor, utts), rel=1e-5)
+    shared = EncoderOutputs()
+    for _ in range(2):  # shared encoder outputs: the same figure, the encoder run once per batch
+        assert ft.validation_ce(converted, processor, utts, 3, shared, quiet=True)["ce"] == \
+            pytest.approx(out["ce"], rel=1e-6)
+    assert (shared.misses, shared.hits) == (2, 2)
+    # the fine-tune's validation loss under objective ce is this same quantity (its step-0 value)
+    prov = finetune(copy.deepcopy(converted), processor, cfg(steps=1), tmp_path / "w", teacher_ref=None, quiet=True)
+    assert prov["initial_valid_loss"] == pytest.approx(ft.validation_ce(converted, processor, utts[:2])["ce"],
+                                                       rel=1e-5)
+    utts[1].text = " "
+    with pytest.raises(DataError, match="needs a transcript for every validation utterance"):
+        ft.validation_ce(converted, processor, utts, quiet=True)
+
+
+def test_validation_ce_separates_a_broken_conversion():
+    """On the real model and real speech: mean-pooled GQA-2 (untrained, WER near 100 %) is far from the stock
+    model's cross entropy. (The stock figure is over 1 nat because LibriSpeech transcripts are upper case without
+    punctuation: the CE scores the transcript's own tokens, not the normalised words WER compares.)"""
+    from mla_registry import data
+    from mla_registry.encoder_cache import EncoderOutputs
+
+    model, proc = model_refs.load("bundled:whisper-tiny.en")
+    utts = data.load(DATA, quiet=True)
+    shared = EncoderOutputs()  # only the decoder is converted: one encoder pass serves both
+    stock = ft.validation_ce(model, proc, utts, encoder_outputs=shared, quiet=True)["ce"]
+    convert_model(model, proc, ["decoder.*=gqa:kv_heads=2"])
+    broken = ft.validation_ce(model, proc, utts, encoder_outputs=shared, quiet=True)["ce"]
+    assert shared.hits == shared.misses == 1
+    assert stock < 2.0 and broken > stock + 4.0, (stock, broken)

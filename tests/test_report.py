@@ -26,7 +26,8 @@ ATTN = {
     "gqa2": {"encoder.self": "gqa(groups=2)", "decoder.self": "gqa(groups=2)", "decoder.cross": "stock"},
 }
 KV = {"mha": (6144, 4_608_000), "mla192": (1536, 1_152_000), "gqa2": (3072, 4_608_000)}
-VALID = {"mha": None, "mla192": 0.52, "gqa2": 0.61}
+VALID = {"mha": None, "mla192": 0.52, "gqa2": 0.61}  # the fine-tune's best validation loss
+VALID_CE = {"mha": 0.31, "mla192": 0.47, "gqa2": 2.20}  # the run's validation CE, every variant
 
 
 def _records(name):
@@ -56,10 +57,12 @@ def run_dir(tmp_path):
         (d / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
         (d / "metrics.json").write_text(json.dumps(m))
         variants.append({"name": name, "source": "bundled:whisper-tiny.en", "attention": ATTN[name],
-                         "finetuned": VALID[name] is not None, "valid_loss": VALID[name], "dir": name,
-                         "metrics": m})
+                         "finetuned": VALID[name] is not None, "valid_ce": VALID_CE[name],
+                         "valid_loss": VALID[name], "finetune_objective": "ce+distill" if VALID[name] else None,
+                         "dir": name, "metrics": m})
     results = {"experiment": "default", "base_model": "bundled:whisper-tiny.en", "baseline": "mha",
-               "data": {"test": {"ref": "builtin:tts-test"}},
+               "data": {"test": {"ref": "builtin:tts-test"},
+                        "validation": {"ref": "builtin:tts-valid", "utterances": 104}},
                "decoding": {"batch_size": 16, "num_beams": 1, "max_new_tokens": 128}, "variants": variants}
     (root / "results.json").write_text(json.dumps(results))
     return root
@@ -84,6 +87,7 @@ def test_comparison_rows(run_dir):
     assert rows["mha"]["params"] == "37.76 M"
     assert rows["mha"]["delta_wer"] == "baseline" and rows["mha"]["p_improve"] == ""
     assert rows["mha"]["valid_loss"] == "" and rows["mla192"]["valid_loss"] == "0.5200"
+    assert rows["mha"]["valid_ce"] == "0.3100" and rows["gqa2"]["valid_ce"] == "2.2000"
     m = json.loads((run_dir / "mla192" / "metrics.json").read_text())
     assert rows["mla192"]["wer"] == report.pct(m["wer"])
     assert rows["mla192"]["sdi"] == f"{m['substitutions']}/{m['deletions']}/{m['insertions']}"
@@ -145,6 +149,33 @@ def test_footer(run_dir):
     text = "\n".join(report.footer_lines(run_dir))
     # valid loss 0.40 < 0.52 < 0.61 and WER mha < mla192 < gqa2: perfect rank agreement
     assert "+1.000 over 3 fine-tuned variants" in text
+
+
+def test_footer_ranks_validation_ce_over_every_variant(run_dir):
+    text = "\n".join(report.footer_lines(run_dir))
+    # CE 0.31 < 0.47 < 2.20 and WER mha < mla192 < gqa2; the untrained baseline is one of the rows
+    assert "between validation CE and test WER: +1.000 over 3 of 3 variants (2 fine-tuned)" in text
+    assert "fine-tune's best validation loss and test WER: n/a: fewer than 3 fine-tuned variants" in text
+    assert "builtin:tts-valid (104 utterances)" in text and "own objective (ce+distill)" in text
+    assert "| valid CE " in report.comparison_table(run_dir, "github")
+    assert "FT valid loss" in report.comparison_table(run_dir, "github")
+
+    def older(d):  # a row with the figure only in its metrics (as metrics.json keeps it), one without
+        d["variants"][0]["metrics"]["valid_ce"] = d["variants"][0].pop("valid_ce")
+        d["variants"][2].pop("valid_ce")
+
+    _edit_results(run_dir, older)
+    assert report.comparison_rows(run_dir)[0]["valid_ce"] == "0.3100"
+    assert "validation CE and test WER: n/a: fewer than 3 variants have one" in "\n".join(
+        report.footer_lines(run_dir))
+
+    def no_valid(d):  # a run without data.valid
+        for v in d["variants"]:
+            v.pop("valid_ce", None), v["metrics"].pop("valid_ce", None)
+        d["data"].pop("validation")
+
+    _edit_results(run_dir, no_valid)
+    assert "n/a: no validation CE (the run had no data.valid)" in "\n".join(report.footer_lines(run_dir))
 
 
 def test_missing_baseline_leaves_delta_blank(run_dir):
@@ -234,6 +265,22 @@ def test_tradeoff_plot(run_dir):
     assert pareto_front([(1.0, 5.0), (2.0, 6.0), (3.0, 4.0), (1.0, 7.0)]) == [0, 2]
 
 
+def test_loss_vs_wer_plot(run_dir):
+    pytest.importorskip("matplotlib")
+    from mla_registry.plot import loss_vs_wer_plot, tradeoff_plot
+
+    out = loss_vs_wer_plot(run_dir)
+    assert out == run_dir / "loss_vs_wer.png" and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(run_dir.glob(".loss_vs_wer.*"))
+    tradeoff_plot(run_dir)
+    report.write_reports(run_dir)
+    assert "![WER against KV cache](tradeoff.png) ![validation CE against WER](loss_vs_wer.png)" in \
+        (run_dir / "report.md").read_text()
+    out.unlink()
+    _edit_results(run_dir, lambda d: [v.pop("valid_ce") for v in d["variants"]])
+    assert loss_vs_wer_plot(run_dir) is None and not out.exists()  # nothing to draw without data.valid
+
+
 def test_kv_bytes_per_utterance():
     from mla_registry.plot import kv_bytes_per_utterance
 
@@ -258,3 +305,6 @@ def test_tradeoff_plot_without_matplotlib(run_dir, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", fake_import)
     assert tradeoff_plot(run_dir) is None
     assert not (run_dir / "tradeoff.png").exists()
+    from mla_registry.plot import loss_vs_wer_plot
+
+    assert loss_vs_wer_plot(run_dir) is None and not (run_dir / "loss_vs_wer.png").exists()

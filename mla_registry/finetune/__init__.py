@@ -6,15 +6,16 @@ experiments.yaml.
 - :mod:`.config`: :class:`FinetuneConfig` (YAML block and CLI options from one definition)
 - :mod:`.trainable`: which parameters train
 - :mod:`.objectives`: cross-entropy, top-k distillation
-- :mod:`.loop`: cached inputs, steps, validation, early stopping; :func:`finetune`
+- :mod:`.loop`: cached inputs, steps, validation, early stopping; :func:`finetune`; :func:`validation_ce` (the
+  teacher-forced cross entropy a run reports for every variant, trained or not)
 - :mod:`.state`: the resumable state on disk
 """
 
 from .config import DECAYS, OBJECTIVES, TRAINABLE, FinetuneConfig
-from .loop import FinetuneCaches, FinetuneError, finetune
+from .loop import FinetuneCaches, FinetuneError, finetune, validation_ce
 from .objectives import distill_kl, topk_teacher
 from .state import STATE_DIR
 from .trainable import trainable_parameters
 
 __all__ = ["DECAYS", "OBJECTIVES", "STATE_DIR", "TRAINABLE", "FinetuneCaches", "FinetuneConfig", "FinetuneError",
-           "distill_kl", "finetune", "topk_teacher", "trainable_parameters"]
+           "distill_kl", "finetune", "topk_teacher", "trainable_parameters", "validation_ce"]

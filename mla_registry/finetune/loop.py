@@ -21,16 +21,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from .. import distributed, fingerprint, whisper
-from ..encoder_cache import DEFAULT_BUDGET, TensorStore
+from ..encoder_cache import DEFAULT_BUDGET, EncoderOutputs, TensorStore, encoder_fingerprint
 from ..errors import DataError, MlaRegistryError
 from . import state as st
 from .config import FinetuneConfig
-from .objectives import distill_kl, masked_logits, topk_teacher
+from .objectives import cross_entropy, distill_kl, masked_logits, teacher_forced_logits, topk_teacher
 from .trainable import trainable_parameters
 
 
@@ -187,13 +186,12 @@ class Trainer:
     def token_losses(self, items: list[Item]) -> torch.Tensor:
         """Per-token loss ``[N]`` of a batch under the configured objective."""
         c = self.cfg
-        ids, labels, mask = whisper.teacher_forcing(self.model, self.processor.tokenizer,
-                                                    [it.text for it in items], self.device)
         src = torch.stack([it.source for it in items]).to(self.device)
-        logits = masked_logits(self.model, src, ids, mask, encoded=self.encoder_frozen)
+        logits, targets = teacher_forced_logits(self.model, self.processor.tokenizer, [it.text for it in items],
+                                                src, encoded=self.encoder_frozen)
         loss = torch.zeros(logits.shape[0], device=logits.device)
         if c.uses_ce:
-            loss = loss + F.cross_entropy(logits.float(), labels[mask], reduction="none")
+            loss = loss + cross_entropy(logits, targets)
         if c.uses_distill:
             teacher = {k: torch.cat([it.teacher[k] for it in items]).to(self.device) for k in items[0].teacher}
             kl = distill_kl(logits, teacher, c.temperature)
@@ -230,17 +228,67 @@ class Trainer:
 
     @torch.no_grad()
     def valid_loss(self, items: list[Item]) -> float:
-        """Token-weighted mean loss over the validation set (eval mode, no dropout)."""
+        """Token-weighted mean loss (the configured objective) over the validation set (eval mode, no dropout)."""
         self.model.eval()
-        total, count = 0.0, 0
-        batches = list(range(0, len(items), self.cfg.batch_size))
-        for i in batches[distributed.world().rank::distributed.world().size]:  # under torchrun: a share each
-            losses = self.token_losses(items[i: i + self.cfg.batch_size])
-            total += float(losses.double().sum())
-            count += losses.numel()
-        total, count = distributed.all_sum(torch.tensor([total, float(count)], dtype=torch.float64,
-                                                       device=self.device)).tolist()
-        return total / max(count, 1)
+        bs = self.cfg.batch_size
+        return token_mean([items[i: i + bs] for i in range(0, len(items), bs)], self.token_losses, self.device)[0]
+
+
+def token_mean(batches: list, losses: Callable[[Any], torch.Tensor], device: torch.device) -> tuple[float, int]:
+    """Token-weighted mean of the per-token ``losses(batch)`` over ``batches``, and the token count. Under
+    torchrun each rank takes a share of the batches and the sums are all-reduced (every rank gets the total)."""
+    world = distributed.world()
+    total, count = 0.0, 0
+    for batch in batches[world.rank::world.size]:
+        out = losses(batch)
+        total += float(out.double().sum())
+        count += out.numel()
+    total, count = distributed.all_sum(torch.tensor([total, float(count)], dtype=torch.float64,
+                                                   device=device)).tolist()
+    return total / max(count, 1), int(count)
+
+
+@torch.no_grad()
+def validation_ce(model: nn.Module, processor, utts: list, batch_size: int = 16,
+                  encoder_outputs: EncoderOutputs | None = None, quiet: bool = False) -> dict[str, Any]:
+    """Teacher-forced cross entropy of ``model`` on the transcripts of ``utts``: the token-weighted mean in eval
+    mode, with the prompt and labels fine-tuning uses (:meth:`Trainer.token_losses`' ``ce`` term, whatever a
+    fine-tune's objective was), so it compares every model alike, trained or not. One pass in batches of
+    ``batch_size``; the encoder outputs come from ``encoder_outputs`` when given (shared with every model whose
+    encoder is identical). Returns ``ce``, ``tokens``, ``utterances`` and ``seconds``."""
+    from ..data import fingerprint_of
+
+    if not utts or any(not u.text.strip() for u in utts):
+        raise DataError("the validation CE needs a transcript for every validation utterance"
+                        + ("" if utts else " (there are none)"))
+    t0 = time.perf_counter()
+    was = model.training
+    model.eval()
+    param = next(model.parameters())
+    # keyed apart from the test set's batches: the same ids in two sets need not be the same audio
+    fp = f"{encoder_fingerprint(model)}/valid/{fingerprint_of(utts)[:16]}" if encoder_outputs is not None else ""
+    bar = tqdm(total=len(utts), desc="validation CE", disable=quiet, unit="utt", leave=False)
+
+    def losses(batch: list) -> torch.Tensor:
+        def features() -> torch.Tensor:
+            return whisper.input_features(processor, [u.audio for u in batch])
+
+        if encoder_outputs is not None:
+            hidden, _ = encoder_outputs.get(model, fp, tuple(u.id for u in batch), features)
+        else:
+            hidden = model.get_encoder()(features().to(param.device, param.dtype)).last_hidden_state
+        logits, targets = teacher_forced_logits(model, processor.tokenizer, [u.text for u in batch], hidden,
+                                                encoded=True)
+        bar.update(len(batch))
+        return cross_entropy(logits, targets)
+
+    try:
+        ce, tokens = token_mean([utts[i: i + batch_size] for i in range(0, len(utts), batch_size)], losses,
+                                param.device)
+    finally:
+        bar.close()
+        model.train(was)
+    return {"ce": ce, "tokens": tokens, "utterances": len(utts), "seconds": round(time.perf_counter() - t0, 3)}
 
 
 # --- the run ---------------------------------------------------------------------------------------------------

@@ -12,7 +12,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from .. import whisper
 
 
 def topk_teacher(logits: torch.Tensor, k: int, temperature: float = 1.0) -> dict[str, torch.Tensor]:
@@ -46,3 +49,17 @@ def masked_logits(model: nn.Module, src: torch.Tensor, ids: torch.Tensor, mask: 
     inputs = {"encoder_outputs": (src,)} if encoded else {"input_features": src}
     hidden = model.base_model(**inputs, decoder_input_ids=ids, use_cache=False).last_hidden_state
     return model.get_output_embeddings()(hidden[mask])
+
+
+def teacher_forced_logits(model: nn.Module, tokenizer, texts: list[str], src: torch.Tensor, encoded: bool
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits ``[N, vocab]`` at the label positions of the transcripts ``texts`` (prompt + text + eos, as
+    :func:`~mla_registry.whisper.teacher_forcing` builds them) and their target tokens ``[N]``; ``src`` as in
+    :func:`masked_logits`. Training, the fine-tune's validation and the run's validation CE all start here."""
+    ids, labels, mask = whisper.teacher_forcing(model, tokenizer, texts, src.device)
+    return masked_logits(model, src, ids, mask, encoded), labels[mask]
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-token cross entropy ``[N]`` (in float32 whatever the model's dtype)."""
+    return F.cross_entropy(logits.float(), targets, reduction="none")
