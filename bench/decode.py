@@ -251,11 +251,14 @@ def _benchmark(args, variants, base, processor, utts, steps_of, exports, notes, 
 
 
 def encode(model: nn.Module, feats: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, float]:
-    """Encoder output and its seconds (30 s windows make the encoder slow: ~0.2 s per clip on 2 cores)."""
+    """Encoder output and its seconds, as evaluation encodes (``whisper.encode``: slices of rows on CPU; 30 s
+    windows make the encoder slow: ~0.2 s per clip on 2 cores)."""
+    from mla_registry import whisper
+
     with torch.no_grad():
         measure.sync(device)
         t0 = time.perf_counter()
-        hidden = model.get_encoder()(feats).last_hidden_state
+        hidden = whisper.encode(model, feats)
         measure.sync(device)
     return hidden, time.perf_counter() - t0
 

@@ -21,7 +21,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from . import fingerprint
+from . import fingerprint, whisper
 from .atomic import write_bytes
 
 GiB = 1 << 30
@@ -72,7 +72,7 @@ class EncoderOutputs:
             return safetensors.torch.load_file(str(path))["hidden"], seconds
         param = next(model.parameters())
         t0 = time.perf_counter()
-        out = model.get_encoder()(features().to(param.device, param.dtype)).last_hidden_state
+        out = whisper.encode(model, features().to(param.device, param.dtype))
         seconds = time.perf_counter() - t0
         self.misses += 1
         if key in self._seconds:

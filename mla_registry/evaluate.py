@@ -195,7 +195,7 @@ def transcribe(model: nn.Module, processor, utts: list[Utterance], settings: Dec
             else:
                 feats = features().to(param.device, param.dtype)
                 t0 = time.perf_counter()
-                hidden = model.get_encoder()(feats).last_hidden_state
+                hidden = whisper.encode(model, feats)
                 seconds = time.perf_counter() - t0
             t1 = time.perf_counter()
             sequences, held = _decode_window(model, hidden, settings, step)

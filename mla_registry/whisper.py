@@ -58,6 +58,22 @@ def input_features(processor, audios, device=None, dtype=None):
     return feats.to(device=device, dtype=dtype) if device is not None or dtype is not None else feats
 
 
+# On CPU the encoder runs faster in small slices of a batch than on the whole batch: its activations (1500
+# frames x 4 * d_model per row) stay in cache. Measured for tiny.en on 2 EPYC cores, 16 real clips: 241, 235, 272,
+# 270 and 333 ms per clip at slices of 1, 2, 4, 8 and 16 rows, outputs bit-identical. GPUs get the whole batch.
+CPU_ENCODER_SLICE = 2
+
+
+def encode(model, feats: torch.Tensor) -> torch.Tensor:
+    """The encoder's last hidden state ``[B, frames, d]`` for features ``[B, mels, 3000]``, in slices of
+    :data:`CPU_ENCODER_SLICE` rows on CPU (the same values: each row is encoded on its own either way)."""
+    encoder = model.get_encoder()
+    if feats.device.type != "cpu" or feats.shape[0] <= CPU_ENCODER_SLICE:
+        return encoder(feats).last_hidden_state
+    return torch.cat([encoder(feats[i:i + CPU_ENCODER_SLICE]).last_hidden_state
+                      for i in range(0, feats.shape[0], CPU_ENCODER_SLICE)])
+
+
 TASKS = ("transcribe", "translate")
 
 

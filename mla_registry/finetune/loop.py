@@ -111,7 +111,7 @@ class Trainer:
         for i in tqdm(range(0, len(utts), bs), desc=desc, disable=quiet, unit="batch", leave=False):
             batch = utts[i: i + bs]
             feats = whisper.input_features(self.processor, [u.audio for u in batch], self.device, self.dtype)
-            src = self.model.get_encoder()(feats).last_hidden_state if self.encoder_frozen else feats
+            src = whisper.encode(self.model, feats) if self.encoder_frozen else feats
             for j, u in enumerate(batch):
                 store.put(f"{prefix}/{i + j}", src[j].clone())
                 items.append(Item(f"{prefix}/{i + j}", u.text, store))
@@ -146,7 +146,7 @@ class Trainer:
                 else:
                     feats = whisper.input_features(proc, [u.audio for u in utts[i: i + cfg.batch_size]],
                                                    self.device, self.dtype)
-                    hidden = teacher.get_encoder()(feats).last_hidden_state
+                    hidden = whisper.encode(teacher, feats)
                 logits = masked_logits(teacher, hidden, ids, mask, encoded=True)
                 starts = [0, *mask.sum(-1).cumsum(0).tolist()]
                 for j, it in enumerate(batch):
@@ -276,7 +276,7 @@ def validation_ce(model: nn.Module, processor, utts: list, batch_size: int = 16,
         if encoder_outputs is not None:
             hidden, _ = encoder_outputs.get(model, fp, tuple(u.id for u in batch), features)
         else:
-            hidden = model.get_encoder()(features().to(param.device, param.dtype)).last_hidden_state
+            hidden = whisper.encode(model, features().to(param.device, param.dtype))
         logits, targets = teacher_forced_logits(model, processor.tokenizer, [u.text for u in batch], hidden,
                                                 encoded=True)
         bar.update(len(batch))
