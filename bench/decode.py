@@ -332,11 +332,10 @@ def end_to_end_rows(args, variants: list[Variant], steps_of, base, processor, ut
             row = {"variant": v.name, "decoder": ort.NAME, "batch": batch, "utterances": len(clips),
                    "encoder_s": res["encoder_s"], "decode_s": res["decode_s"],
                    "utt_s": len(clips) / (res["encoder_s"] + res["decode_s"]),
-                   "tokens": sum(len(t) for t in res["tokens"])}
+                   "tokens": res["counted"]}
             ours = decoded.get((v.name, "loop"))
             if ours is not None:
-                row["same_tokens_as_loop"] = sum(a == b for a, b in zip(_cut(ours, eos), _cut_lists(res["tokens"],
-                                                                                                  eos)))
+                row["same_tokens_as_loop"] = sum(a == b for a, b in zip(_cut(ours, eos), res["tokens"]))
             rows.append(row)
             log(args, f"end to end, batch {batch}, {v.name}/{ort.NAME}: {row['utt_s']:.2f} utt/s")
         if ct2_model is not None:
@@ -353,14 +352,12 @@ def end_to_end_rows(args, variants: list[Variant], steps_of, base, processor, ut
     return rows
 
 
-def _cut_lists(rows: list[list[int]], eos: set[int]) -> list[list[int]]:
-    """Each row's tokens before its first end-of-text."""
-    return [r[: next((j for j, t in enumerate(r) if t in eos), len(r))] for r in rows]
-
-
 def _cut(windows: list[torch.Tensor], eos: set[int]) -> list[list[int]]:
-    """The rows of every window of decoded sequences, each cut before its first end-of-text."""
-    return _cut_lists([r for s in windows for r in s.tolist()], eos)
+    """The rows of every window of decoded sequences (prompt already stripped), each cut before its first
+    end-of-text."""
+    from mla_registry.export.backends import generated_ids
+
+    return [generated_ids(r, 0, eos)[0] for s in windows for r in s.tolist()]
 
 
 def add_ratios(results: list[dict[str, Any]], e2e: list[dict[str, Any]]) -> None:

@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from mla_registry.export.backends import generated_ids
+
 NAME = "onnxruntime"
 
 
@@ -87,24 +89,21 @@ def run_decode(runtime, hidden: torch.Tensor, steps: int, forced: bool) -> dict[
     intervals = [b - a for a, b in itertools.pairwise([t0, *stamps])]
     held, batch = runtime.last_cache, len(rows)
     length = held.self_tokens
-    return {"seconds": t1 - t0, "tokens": int(sum(_count(r[prompt:], eos) for r in rows)), "steps": width,
+    return {"seconds": t1 - t0, "tokens": sum(generated_ids(r, prompt, eos)[1] for r in rows), "steps": width,
             "prefill": intervals[0] if intervals else None, "step_times": intervals[1:],
             "kv_self": int(held.self_per_token * batch * length), "kv_cross": int(held.cross_per_utterance * batch),
             "self_length": length, "peak_bytes": None, "sequences": seqs}
 
 
-def _count(gen: list[int], eos: set[int]) -> int:
-    """Generated tokens up to and including the first end-of-text (what ``measure.count_tokens`` counts)."""
-    return next((j + 1 for j, t in enumerate(gen) if t in eos), len(gen))
-
-
 def end_to_end(runtime, windows: list[torch.Tensor], max_new_tokens: int) -> dict[str, Any]:
-    """The export's encoder + greedy decode (natural lengths) of every window of features; seconds of each part
-    and the generated ids per utterance (prompt stripped, up to and including end-of-text)."""
+    """The export's encoder + greedy decode (natural lengths) of every window of features; seconds of each part,
+    the generated ids per utterance (prompt and end-of-text left out, as CTranslate2 returns them) and the count
+    of generated tokens (end-of-text included, as ``measure.count_tokens`` counts)."""
     enc = dec = 0.0
     prompt = len(runtime.info["prompt"])
     eos = set(runtime.info["eos_token_id"])
     tokens: list[list[int]] = []
+    counted = 0
     for feats in windows:
         t0 = time.perf_counter()
         hidden = runtime.encode(np.ascontiguousarray(feats.float().cpu().numpy()))
@@ -112,5 +111,8 @@ def end_to_end(runtime, windows: list[torch.Tensor], max_new_tokens: int) -> dic
         rows = runtime.generate(hidden, max_new_tokens)
         t2 = time.perf_counter()
         enc, dec = enc + t1 - t0, dec + t2 - t1
-        tokens += [r[prompt:prompt + _count(r[prompt:], eos)] for r in rows]
-    return {"encoder_s": enc, "decode_s": dec, "tokens": tokens}
+        for row in rows:
+            ids, n = generated_ids(row, prompt, eos)
+            tokens.append(ids)
+            counted += n
+    return {"encoder_s": enc, "decode_s": dec, "tokens": tokens, "counted": counted}

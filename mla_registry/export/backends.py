@@ -32,7 +32,7 @@ def _check(settings, utts, backend: str) -> None:
                           f"window ({', '.join(long[:3])}); long-form decoding runs only with --backend pytorch")
 
 
-def _strip(ids: list[int], prompt_len: int, eos: set[int]) -> tuple[list[int], int]:
+def generated_ids(ids: list[int], prompt_len: int, eos: set[int]) -> tuple[list[int], int]:
     """Generated ids without the prompt and from the first end-of-text on; the count up to and including it."""
     gen = ids[prompt_len:]
     for j, t in enumerate(gen):
@@ -71,7 +71,7 @@ class ExportedBackend:
             stats["encoder_seconds"] += enc_s
             stats["decode_seconds"] += dec_s
             for row in rows:
-                ids, counted = _strip(row, self.prompt_len, self.eos)
+                ids, counted = generated_ids(row, self.prompt_len, self.eos)
                 self.token_ids.append(ids)
                 stats["generated_tokens"] += counted
                 hyps.append(processor.tokenizer.decode(ids, skip_special_tokens=True).strip())
