@@ -113,15 +113,15 @@ def loss_vs_wer_plot(run_dir: RunLike) -> Path | None:
     per variant (baseline starred, fine-tuned variants as rings), Spearman's rho in the title. ``None`` when no
     variant has a validation CE (the run had no ``data.valid``) or matplotlib is missing."""
     run = load_run(run_dir)
-    rows = [(v["name"], valid_ce(v), 100 * float(v["metrics"]["wer"]), bool(v.get("finetuned")))
-            for v in run.variants if valid_ce(v) is not None]
+    rows = [(v["name"], ce, 100 * float(v["metrics"]["wer"]), bool(v.get("finetuned")))
+            for v in run.variants if (ce := valid_ce(v)) is not None]
     fig = _figure() if rows else None
     if fig is None:
         return None
     ax = fig.add_subplot()
     names, pts = [r[0] for r in rows], [(r[1], r[2]) for r in rows]
-    _labelled_points(ax, names, pts, run.results.get("baseline"), hollow={r[0] for r in rows if r[3]})
     base = run.results.get("baseline")
+    _labelled_points(ax, names, pts, base, hollow={r[0] for r in rows if r[3]})
     for tuned, label in ((False, "not fine-tuned"), (True, "fine-tuned")):
         if any(r[3] == tuned and r[0] != base for r in rows):  # legend entries for the two kinds of point
             ax.scatter([], [], marker="o", color="none" if tuned else "tab:blue", edgecolors="tab:blue",
