@@ -108,7 +108,8 @@ def step_rows(model, args, feats_by_batch: dict[int, torch.Tensor], prompt: list
 
 def end_to_end(model, windows: list[torch.Tensor], prompt: list[int], max_new_tokens: int) -> dict[str, Any]:
     """Encoder + greedy decode (natural lengths) of every window of features, as a user of faster-whisper
-    runs it; seconds of each part and the generated token ids per utterance (end-of-text dropped)."""
+    runs it; seconds of each part, the generated token ids per utterance (end-of-text dropped) and the count of
+    generated tokens with end-of-text counted back (as ``measure.count_tokens`` counts ours)."""
     enc = dec = 0.0
     tokens: list[list[int]] = []
     for feats in windows:
@@ -119,4 +120,5 @@ def end_to_end(model, windows: list[torch.Tensor], prompt: list[int], max_new_to
         t2 = time.perf_counter()
         enc, dec = enc + t1 - t0, dec + t2 - t1
         tokens += [list(r.sequences_ids[0]) for r in res]
-    return {"encoder_s": enc, "decode_s": dec, "tokens": tokens}
+    counted = sum(len(t) + (1 if len(t) < max_new_tokens else 0) for t in tokens)
+    return {"encoder_s": enc, "decode_s": dec, "tokens": tokens, "counted": counted}
