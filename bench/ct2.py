@@ -99,17 +99,22 @@ def step_rows(model, args, feats_by_batch: dict[int, torch.Tensor], prompt: list
                                "ms_per_step": 1e3 * fs / max(forced_tokens / batch, 1)}
         if args.natural_max:
             dt, res = gen(False, args.natural_max)
-            toks = sum(len(r.sequences_ids[0]) + (1 if len(r.sequences_ids[0]) < args.natural_max else 0)
-                       for r in res)  # CTranslate2 drops the end-of-text token from results: count it back
+            toks = counted_back([list(r.sequences_ids[0]) for r in res], args.natural_max)
             row.update({"natural_tok_s": toks / dt, "natural_tokens": toks})
         rows.append(row)
     return rows
 
 
+def counted_back(tokens: list[list[int]], max_new_tokens: int) -> int:
+    """Generated tokens with end-of-text counted back (CTranslate2 drops it from results; a row that hit
+    ``max_new_tokens`` never produced one), as ``measure.count_tokens`` counts ours."""
+    return sum(len(t) + (1 if len(t) < max_new_tokens else 0) for t in tokens)
+
+
 def end_to_end(model, windows: list[torch.Tensor], prompt: list[int], max_new_tokens: int) -> dict[str, Any]:
     """Encoder + greedy decode (natural lengths) of every window of features, as a user of faster-whisper
-    runs it; seconds of each part, the generated token ids per utterance (end-of-text dropped) and the count of
-    generated tokens with end-of-text counted back (as ``measure.count_tokens`` counts ours)."""
+    runs it; seconds of each part, the generated token ids per utterance (end-of-text dropped) and their
+    :func:`counted_back` count."""
     enc = dec = 0.0
     tokens: list[list[int]] = []
     for feats in windows:
@@ -120,5 +125,4 @@ def end_to_end(model, windows: list[torch.Tensor], prompt: list[int], max_new_to
         t2 = time.perf_counter()
         enc, dec = enc + t1 - t0, dec + t2 - t1
         tokens += [list(r.sequences_ids[0]) for r in res]
-    counted = sum(len(t) + (1 if len(t) < max_new_tokens else 0) for t in tokens)
-    return {"encoder_s": enc, "decode_s": dec, "tokens": tokens, "counted": counted}
+    return {"encoder_s": enc, "decode_s": dec, "tokens": tokens, "counted": counted_back(tokens, max_new_tokens)}

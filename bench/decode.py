@@ -315,7 +315,8 @@ def end_to_end_rows(args, variants: list[Variant], steps_of, base, processor, ut
         def run(feats, hidden, encoder_s):
             t0 = time.perf_counter()
             seqs = measure.run_decode(d, v.model, hidden, max_new, False, device, step=steps_of[v.name])["sequences"]
-            return {"encoder_s": encoder_s, "decode_s": time.perf_counter() - t0, "tokens": _cut([seqs], eos),
+            decode_s = time.perf_counter() - t0
+            return {"encoder_s": encoder_s, "decode_s": decode_s, "tokens": _cut([seqs], eos),
                     "counted": measure.count_tokens(seqs, eos)}
         return run
 
@@ -340,10 +341,8 @@ def end_to_end_rows(args, variants: list[Variant], steps_of, base, processor, ut
             hidden, encoder_s = encode(base, feats, device)
             for name, d, run in runners:
                 res, total = run(feats, hidden, encoder_s), totals[(name, d)]
-                total["encoder_s"] += res["encoder_s"]
-                total["decode_s"] += res["decode_s"]
-                total["tokens"] += res["tokens"]
-                total["counted"] += res["counted"]
+                for key in total:  # every runner returns this record: seconds, cut ids, token count
+                    total[key] += res[key]
         for (name, d), total in totals.items():
             row = {"variant": name, "decoder": d, "batch": batch, "utterances": len(clips),
                    "encoder_s": total["encoder_s"], "decode_s": total["decode_s"],
