@@ -5,8 +5,9 @@
 - :func:`attend`: one scaled-dot-product-attention call with the causal handling the host model relies on.
   Whisper's decoder passes ``attention_mask=None`` under SDPA (generate and teacher-forced training) and
   expects the module to apply causality itself; forgetting it trains a non-causal decoder without any error.
-- :func:`select_cache` / :func:`cached_states`: the ``EncoderDecoderCache`` protocol of ``WhisperAttention``
-  (self-attention appends, cross-attention computes once and reuses).
+- :func:`select_cache` / :func:`cached_states` / :func:`filled_cross_keys`: the ``EncoderDecoderCache`` protocol
+  of ``WhisperAttention`` (self-attention appends, cross-attention computes once and reuses; a slot may read
+  another cross slot's filled entry).
 - :meth:`SlotAttention.forward`: the host model's call, whatever name the installed transformers gives the cache
   (``past_key_values`` up to 5.23, ``cache`` from 5.24), normalised once here; plugins implement
   :meth:`SlotAttention.attention`, whose signature mla-registry owns and keeps stable.
@@ -239,3 +240,12 @@ def cached_states(cache: Cache | None, layer_idx: int | None, is_cross: bool, co
     if part is not None:
         keys, values = part.update(keys, values, layer_idx)
     return keys, values
+
+
+def filled_cross_keys(cache: Cache | None, layer_idx: int) -> torch.Tensor | None:
+    """The keys cross-attention slot ``layer_idx`` stored in ``cache`` (None while that entry is unfilled): how a
+    slot reads a latent another layer caches for both (MLA's ``share_cross``)."""
+    if not isinstance(cache, EncoderDecoderCache) or not cache.is_updated.get(layer_idx):
+        return None
+    layers = cache.cross_attention_cache.layers
+    return layers[layer_idx].keys if layer_idx < len(layers) else None

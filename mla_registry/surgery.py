@@ -238,7 +238,9 @@ def _kind_label(records: list[SlotRecord | None]) -> str:
         if len(budgets) == 1 and None not in budgets and all("rank" in r.kwargs for r in rs):
             ranks = sorted(r.kwargs["rank"] for r in rs)
             span = f"{ranks[0]}..{ranks[-1]}" if ranks[0] != ranks[-1] else str(ranks[0])
-            labels.add(f"{plugin}(budget {Fraction(budgets.pop()).limit_denominator(1024)}: {span})")
+            others = short_form(plugin, [{k: v for k, v in r.kwargs.items() if k != "rank"} for r in rs])
+            others = f", {others[len(plugin) + 1:-1]}" if others != plugin else ""
+            labels.add(f"{plugin}(budget {Fraction(budgets.pop()).limit_denominator(1024)}: {span}{others})")
         else:
             labels.add(short_form(plugin, [r.kwargs for r in rs]))
     return "/".join(sorted(labels))

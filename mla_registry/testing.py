@@ -286,7 +286,8 @@ def check_equivalences(case: Case) -> None:
 
 
 def check_backward(case: Case) -> None:
-    """A teacher-forced loss reaches every parameter of every converted module."""
+    """A teacher-forced loss reaches every trainable parameter of every converted module, and none that the
+    plugin fixed (``requires_grad=False``, e.g. MLA's shared cross-attention ``kv_down``)."""
     model = case.convert().train()
     loss = model(input_features=case.features, decoder_input_ids=case.tokens[:, :-1],
                  labels=case.tokens[:, 1:]).loss
@@ -294,6 +295,9 @@ def check_backward(case: Case) -> None:
     assert torch.isfinite(loss), f"{case}: loss is {loss}"
     for rec in lineage.of(model).slots:
         for name, p in model.get_submodule(rec.path).named_parameters():
+            if not p.requires_grad:
+                assert p.grad is None, f"{case}: {rec.slot}.{name} is fixed but got a gradient"
+                continue
             assert p.grad is not None and p.grad.abs().sum() > 0, f"{case}: {rec.slot}.{name} got no gradient"
 
 

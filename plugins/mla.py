@@ -27,6 +27,16 @@ K/V cache, ``2 * embed_dim`` per token each), allocated greedily on each slot's 
 ``budget_scope="kind"`` (default) gives self- and cross-attention slots the budget separately, ``"all"`` makes
 them compete. Each slot's rank is recorded in the manifest.
 
+``share_cross=true``: the decoder's cross-attention slots converted together share **one** latent. Every cross
+slot reads the same encoder output, so one ``c = D h`` can feed all their up-projections: ``D`` comes from one
+SVD of the slots' stacked objectives (``[G_1 W_1; G_2 W_2; ...] L``, the init's own weights and inputs), each
+slot's ``k_up``/``v_up`` and V bias are refitted by least squares for it. The lowest layer caches ``c``
+(``latent_from`` = its cache index, recorded per slot); the others store a zero-width entry and read that one. A
+shared latent of width ``embed_dim`` is exact and caches ``1 / (2 * layers)`` of the cross K/V (tiny.en's 4
+layers: 1/8); a budget gives the shared latent ``budget * 2 * embed_dim * layers`` (at most ``embed_dim``). The
+shared ``kv_down`` is fixed (``requires_grad=False``): fine-tuning trains the per-layer up-projections, so the
+copies of ``D`` every slot holds (for cache-less calls) stay equal.
+
 Absorption (``absorb=True``): in eval mode with a cache (decoding: ``generate()`` or a cached forward)
 ``W_uk`` is applied on the query side and ``W_uv`` after attention, so attention runs over the latent as
 multi-query attention and K/V are never re-expanded (the win for cross-attention over 1500 encoder frames).
@@ -45,7 +55,7 @@ from torch import nn
 from transformers.cache_utils import Cache
 
 from mla_registry import conversion_math as cm
-from mla_registry.attention import SlotAttention, attend, cached_states
+from mla_registry.attention import SlotAttention, attend, cached_states, filled_cross_keys
 from mla_registry.builder import AttentionBuilder, ConversionContext, Equivalence, Kwarg, Slot
 from mla_registry.errors import KwargError
 from mla_registry.hookspecs import hookimpl
@@ -57,16 +67,24 @@ SCOPES = ("kind", "all")
 class MultiHeadLatentAttention(SlotAttention):
     """Whisper-interface attention whose K and V come from one cached latent of width ``rank``."""
 
-    def __init__(self, slot: Slot, rank: int, absorb: bool = True) -> None:
+    def __init__(self, slot: Slot, rank: int, absorb: bool = True, latent_from: int | None = None) -> None:
         super().__init__(slot)
         self.rank = rank
         self.absorb = absorb
+        self.latent_from = latent_from
         d = self.embed_dim
         self.q_proj = nn.Linear(d, d, bias=slot.bias)
         self.kv_down = nn.Linear(d, rank, bias=False)
         self.k_up = nn.Linear(rank, d, bias=False)
         self.v_up = nn.Linear(rank, d, bias=slot.bias)
         self.out_proj = nn.Linear(d, d, bias=slot.bias)
+        if latent_from is not None:
+            self.kv_down.weight.requires_grad_(False)  # shared by the cross slots: every copy must stay equal
+
+    @property
+    def reads_shared_latent(self) -> bool:
+        """Whether this module's cached latent is another cross slot's entry (``share_cross``)."""
+        return self.latent_from is not None and self.latent_from != self.layer_idx
 
     def attention(
         self,
@@ -80,12 +98,23 @@ class MultiHeadLatentAttention(SlotAttention):
         is_cross = key_value_states is not None
         source = key_value_states if is_cross else hidden_states
         query = self.query(self.q_proj, hidden_states)
+        shared = is_cross and cache is not None and self.reads_shared_latent
 
         def project() -> tuple[torch.Tensor, torch.Tensor]:
+            if shared:  # the latent lives in the owner's entry: this slot's own entry holds nothing
+                empty = source.new_zeros((source.shape[0], 1, source.shape[1], 0))
+                return empty, empty
             latent = self.kv_down(source).unsqueeze(1)  # [B, 1, T, rank]
             return latent, latent.new_zeros((*latent.shape[:-1], 0))
 
         latent, _ = cached_states(cache, self.layer_idx, is_cross, project)
+        if shared:
+            latent = filled_cross_keys(cache, self.latent_from)
+            if latent is None or latent.shape[-1] != self.rank:
+                raise RuntimeError(f"MLA cross-attention at cache index {self.layer_idx} reads the shared latent of "
+                                   f"index {self.latent_from}, but that entry is "
+                                   f"{'empty' if latent is None else f'{latent.shape[-1]} wide, not {self.rank}'}: "
+                                   "the slot that caches it must run first, with the same cache")
         if self.absorb and not self.training and cache is not None:
             out, weights = self._absorbed(query, latent, attention_mask, output_attentions)
         else:
@@ -124,8 +153,8 @@ class MultiHeadLatentAttention(SlotAttention):
         return out.view(heads, batch, q_len, hd).transpose(0, 1), weights  # [B, H, q, head_dim]
 
     def kv_cache_bytes_per_token(self) -> int:
-        """Only the latent: ``rank`` elements per token."""
-        return self.rank * self.param_bytes()
+        """Only the latent: ``rank`` elements per token (none where another cross slot caches it)."""
+        return 0 if self.reads_shared_latent else self.rank * self.param_bytes()
 
 
 def _fix_signs(u: torch.Tensor) -> torch.Tensor:
@@ -161,7 +190,7 @@ class MlaBuilder(AttentionBuilder):
     activation-aware)."""
 
     name = "mla"
-    version = "1"
+    version = "2"  # 2: share_cross (kwarg latent_from)
     description = "Multi-head latent attention: K/V up-projected from one cached rank-r latent (DeepSeek-V2)"
     kwargs = (
         Kwarg("rank", int, default=None, help="latent width cached per token (1..embed_dim; embed_dim reproduces "
@@ -179,12 +208,21 @@ class MlaBuilder(AttentionBuilder):
               help="'kind': self and cross slots each meet the budget; 'all': one budget over every slot"),
         Kwarg("absorb", bool, default=True,
               help="decode in latent space (W_uk folded into queries, W_uv into the output) in eval mode"),
+        Kwarg("share_cross", bool, default=False, build=False,
+              help="the cross-attention slots converted together share one cached latent (the lowest layer "
+                   "caches it); its down-projection is fixed"),
+        Kwarg("latent_from", int, default=None,
+              help="set by share_cross (never by hand): the cache index of the cross slot whose cached latent "
+                   "this slot reads (its own index for the slot that caches it)"),
     )
     parameter_groups = {"query": ("q_proj.",), "kv": ("kv_down.", "k_up.", "v_up."), "output": ("out_proj.",)}
 
     def check_slot(self, slot: Slot, kwargs: Mapping[str, Any]) -> None:
         """``rank`` must lie in 1..embed_dim: ``[W_k; W_v]`` has rank <= embed_dim, so a wider latent would
         only cost cache."""
+        if kwargs.get("latent_from") is not None and not slot.is_cross:
+            raise KwargError(f"attention 'mla' at slot {slot.name}: kwarg 'latent_from' applies to cross-attention "
+                             "slots only (set by share_cross=true)")
         rank = kwargs["rank"]
         if rank is None:
             if kwargs.get("budget") is None:
@@ -202,7 +240,8 @@ class MlaBuilder(AttentionBuilder):
 
     def build(self, slot: Slot, **kwargs: Any) -> MultiHeadLatentAttention:
         """An uninitialised module for ``slot`` (the loader then loads its state dict)."""
-        return MultiHeadLatentAttention(slot, kwargs["rank"], absorb=kwargs.get("absorb", True))
+        return MultiHeadLatentAttention(slot, kwargs["rank"], absorb=kwargs.get("absorb", True),
+                                        latent_from=kwargs.get("latent_from"))
 
     def convert(self, original: nn.Module, slot: Slot, context: ConversionContext | None = None,
                 **kwargs: Any) -> MultiHeadLatentAttention:
@@ -212,8 +251,16 @@ class MlaBuilder(AttentionBuilder):
         d = slot.embed_dim
         w = torch.cat([original.k_proj.weight, original.v_proj.weight]).detach().double().cpu()
         bias = None if original.v_proj.bias is None else original.v_proj.bias.detach().double().cpu()
-        up, down = _spectrum(original, slot, context, kwargs["init"]).factors(w, kwargs["rank"])
-        if kwargs["init"] in ("attention", "scores") or kwargs["refit"]:
+        if kwargs.get("latent_from") is not None:
+            down = self._shared.pop((slot.path, id(context)), None)
+            if down is None:
+                raise KwargError(f"attention 'mla' at slot {slot.name}: a shared latent (share_cross) is planned "
+                                 "over all the cross slots at once: convert through mla_registry.surgery "
+                                 "(mla-registry convert), not slot by slot")
+            up = None
+        else:
+            up, down = _spectrum(original, slot, context, kwargs["init"]).factors(w, kwargs["rank"])
+        if up is None or kwargs["init"] in ("attention", "scores") or kwargs["refit"]:
             if context is None:
                 raise KwargError(f"attention 'mla' at slot {slot.name}: kwarg 'refit' needs calibration audio "
                                  "(a conversion context)")
@@ -244,30 +291,76 @@ class MlaBuilder(AttentionBuilder):
         return state
 
 
+    def __init__(self) -> None:
+        self._shared: dict[tuple[str, int], torch.Tensor] = {}  # planned shared kv_down, by (slot path, context)
+
     def plan(self, slots: list[Slot], kwargs: Mapping[str, Any], context: ConversionContext | None
              ) -> dict[str, dict[str, Any]]:
-        """With ``budget``: each slot's rank, allocated on its calibration error vs rank (the init's own
-        objective, relative to rank 0) so that the ranks of each scope sum to ``budget * embed_dim`` per slot
-        (the K/V cache is ``2 * embed_dim`` per token; a rank-``r`` latent caches ``r``)."""
+        """Per-slot kwargs: with ``budget``, each slot's rank, allocated on its calibration error vs rank (the
+        init's own objective, relative to rank 0) so that the ranks of each scope sum to ``budget * embed_dim``
+        per slot (the K/V cache is ``2 * embed_dim`` per token; a rank-``r`` latent caches ``r``); with
+        ``share_cross``, the cross slots' one latent (its width and its ``kv_down``, kept for :meth:`convert`)."""
+        if kwargs.get("latent_from") is not None:
+            raise KwargError("attention 'mla': kwarg 'latent_from' is set by share_cross=true, not given")
+        shared = [s for s in slots if s.is_cross] if kwargs["share_cross"] else []
+        if kwargs["share_cross"]:
+            if not shared:
+                raise KwargError("attention 'mla': share_cross=true but the spec selects no cross-attention slot")
+            if kwargs.get("budget") is not None and kwargs["budget_scope"] == "all":
+                raise KwargError("attention 'mla': share_cross=true gives the cross slots one latent; use "
+                                 "budget_scope='kind' (the self slots then meet the budget on their own)")
+        rest = [s for s in slots if s not in shared]
         if kwargs.get("budget") is None:
-            return super().plan(slots, kwargs, context)
-        if context is None:
-            raise KwargError("attention 'mla': kwarg 'budget' needs a conversion context (the original modules "
-                             "and, except for init='svd', calibration audio)")
+            out = super().plan(rest, kwargs, context)
+        else:
+            out = self._budget_ranks(rest, kwargs, context)
+        if shared:
+            out.update(self._share(shared, kwargs, context))
+        return out
+
+    def _budget_ranks(self, slots: list[Slot], kwargs: Mapping[str, Any], context: ConversionContext | None
+                      ) -> dict[str, dict[str, Any]]:
         scopes: dict[str, list[Slot]] = {}
         for slot in slots:
             scopes.setdefault(slot.kind if kwargs["budget_scope"] == "kind" else "all", []).append(slot)
         out = {}
         for members in scopes.values():
-            cache = sum(2 * s.embed_dim for s in members)
-            total = kwargs["budget"] * cache
-            if abs(total - round(total)) > 1e-6:
-                raise KwargError(f"attention 'mla': budget={kwargs['budget']} of a cache of {cache} values per "
-                                 f"token is {total:g}, not a whole number of latent dimensions")
-            energies = [_spectrum(context.original(s), s, context, kwargs["init"]).energy for s in members]
-            for slot, rank in zip(members, cm.allocate_ranks(energies, round(total))):
+            energies = [_spectrum(_original(context, s), s, context, kwargs["init"]).energy for s in members]
+            for slot, rank in zip(members, cm.allocate_ranks(energies, _budget_total(members, kwargs["budget"]))):
                 out[slot.path] = {**kwargs, "rank": rank}
         return out
+
+    def _share(self, slots: list[Slot], kwargs: Mapping[str, Any], context: ConversionContext | None
+               ) -> dict[str, dict[str, Any]]:
+        """One latent for the cross ``slots``: its width (``rank``, or the budget's share capped at
+        ``embed_dim``) and ``kv_down`` from one SVD of the stacked objectives."""
+        d = slots[0].embed_dim
+        rank = kwargs["rank"] if kwargs.get("budget") is None else min(d, _budget_total(slots, kwargs["budget"]))
+        problems = [_objective(_original(context, s), s, context, kwargs["init"]) for s in slots]
+        w = torch.cat([p[0] for p in problems])
+        g = None if problems[0][2] is None else torch.block_diag(*[p[2] for p in problems])
+        _, down = cm.spectrum(w, problems[0][1], g).factors(w, rank)
+        owner = min(s.layer_idx for s in slots)
+        for s in slots:
+            self._shared[(s.path, id(context))] = down
+        return {s.path: {**kwargs, "rank": rank, "latent_from": owner} for s in slots}
+
+
+def _original(context: ConversionContext | None, slot: Slot) -> nn.Module:
+    if context is None:
+        raise KwargError("attention 'mla': kwargs 'budget' and 'share_cross' need a conversion context (the "
+                         "original modules and, except for init='svd' without sharing, calibration audio)")
+    return context.original(slot)
+
+
+def _budget_total(slots: list[Slot], budget: float) -> int:
+    """``budget`` of the slots' K/V cache (``2 * embed_dim`` values per token each) as a whole latent width."""
+    cache = sum(2 * s.embed_dim for s in slots)
+    total = budget * cache
+    if abs(total - round(total)) > 1e-6:
+        raise KwargError(f"attention 'mla': budget={budget} of a cache of {cache} values per token is {total:g}, "
+                         "not a whole number of latent dimensions")
+    return round(total)
 
 
 _STATS: dict[int, tuple[Any, cm.InputStats]] = {}
@@ -287,22 +380,29 @@ def _stats(x: torch.Tensor) -> cm.InputStats:
     return stats
 
 
-def _spectrum(original: nn.Module, slot: Slot, context: ConversionContext | None, init: str) -> cm.Spectrum:
-    """Every rank's factorisation of ``[W_k; W_v]`` under ``init``'s objective (see the module docstring)."""
+def _objective(original: nn.Module, slot: Slot, context: ConversionContext | None, init: str
+               ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """``init``'s problem for one slot, as :func:`mla_registry.conversion_math.spectrum` takes it: ``(W, input
+    Gram or None, output weight G or None)`` (see the module docstring)."""
     w = torch.cat([original.k_proj.weight, original.v_proj.weight]).detach()
     if init == "svd":
-        return cm.spectrum(w)
+        return w, None, None
     if context is None:
         raise KwargError(f"attention 'mla' at slot {slot.name}: kwarg 'init'='{init}' needs calibration audio "
                          "(a conversion context); use init='svd' without one")
     stats = _stats(context.calibration_inputs(slot))
     if init == "activation":
-        return cm.spectrum(w, stats.gram)
+        return w, stats.gram, None
     options = {} if init == "attention" else {"centre_queries": True, "weight_values": False, "balance": False}
     g = cm.attention_weight(w, stats, original.q_proj.weight.detach(), _detached(original.q_proj.bias),
                             _stats(context.query_inputs(slot)), original.out_proj.weight.detach(), slot.num_heads,
                             **options)
-    return cm.spectrum(w, stats.centred(), g)
+    return w, stats.centred(), g
+
+
+def _spectrum(original: nn.Module, slot: Slot, context: ConversionContext | None, init: str) -> cm.Spectrum:
+    """Every rank's factorisation of ``[W_k; W_v]`` under ``init``'s objective."""
+    return cm.spectrum(*_objective(original, slot, context, init))
 
 
 def _detached(t: torch.Tensor | None) -> torch.Tensor | None:

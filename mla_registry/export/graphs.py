@@ -9,7 +9,8 @@ exactly the cache the plugin holds: for MLA the latent (``[B, 1, T, rank]``), fo
 
 The prompt is fed one token per step, so the decoder graph always runs with one query (no causal-mask branch
 for the tracer to freeze). A cache entry of zero width (MLA stores a ``[B, 1, T, 0]`` placeholder as its
-values) is not a graph input or output: the graph makes it from the keys.
+values; a ``share_cross`` slot that reads another layer's latent stores zero-width keys too) is not a graph input
+or output: the graph cuts it from another tensor of the same cache.
 """
 
 from __future__ import annotations
@@ -84,14 +85,15 @@ class CacheLayout:
     cross_values: tuple[CacheEntry | None, ...]
 
     def names(self, which: str) -> list[str]:
-        keys, values = (self.self_keys, self.self_values) if which == "self" else (self.cross_keys,
-                                                                                  self.cross_values)
-        return [n for k, v in zip(keys, values) for n in (k.name, *([v.name] if v else []))]
+        """The graph inputs/outputs of ``which`` cache, in order."""
+        return [e.name for e in self.entries(which)]
 
     def entries(self, which: str) -> list[CacheEntry]:
+        """The entries that are graph inputs/outputs: zero-width keys (a slot that reads another's entry, as
+        MLA's ``share_cross``) and absent values are made inside the graph instead."""
         keys, values = (self.self_keys, self.self_values) if which == "self" else (self.cross_keys,
                                                                                   self.cross_values)
-        return [e for k, v in zip(keys, values) for e in (k, *([v] if v else []))]
+        return [e for k, v in zip(keys, values) for e in ((k,) if k.width else ()) + ((v,) if v else ())]
 
     def values_per_token(self, which: str) -> int:
         """Cached values per token (self) or per encoder frame (cross), summed over layers."""
@@ -120,17 +122,18 @@ def _entry(name: str, t: torch.Tensor) -> CacheEntry:
 
 
 def _split(tensors: list[torch.Tensor], keys, values) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Graph tensors (keys, then values where they have width) back into per-layer (keys, values) pairs."""
+    """Graph tensors (keys and values where they have width) back into per-layer (keys, values) pairs; a
+    zero-width entry is cut from a tensor of the same part (the same batch and length)."""
     it = iter(tensors)
-    out = []
-    for _k, v in zip(keys, values):
-        key = next(it)
-        out.append((key, next(it) if v else key[..., :0]))
-    return out
+    pairs = [(next(it) if k.width else None, next(it) if v else None) for k, v in zip(keys, values)]
+    ref = next(t for pair in pairs for t in pair if t is not None)
+    return [(ref[..., :0] if k is None else k, (k if k is not None else ref)[..., :0] if v is None else v)
+            for k, v in pairs]
 
 
-def _join(pairs, values) -> list[torch.Tensor]:
-    return [t for (k, v), spec in zip(pairs, values) for t in (k, *([v] if spec else []))]
+def _join(pairs, keys, values) -> list[torch.Tensor]:
+    """Per-layer (keys, values) pairs as graph tensors: the inverse of :func:`_split`."""
+    return [t for (k, v), ks, vs in zip(pairs, keys, values) for t in ((k,) if ks.width else ()) + ((v,) if vs else ())]
 
 
 class EncoderGraph(nn.Module):
@@ -160,7 +163,7 @@ class CrossCacheGraph(nn.Module):
         return [(layer.keys, layer.values) for layer in cache.cross_attention_cache.layers]
 
     def forward(self, encoder_hidden_states: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return tuple(_join(self.pairs(encoder_hidden_states), self.layout.cross_values))
+        return tuple(_join(self.pairs(encoder_hidden_states), self.layout.cross_keys, self.layout.cross_values))
 
 
 class DecoderStepGraph(nn.Module):
@@ -189,7 +192,7 @@ class DecoderStepGraph(nn.Module):
             hidden = out[0] if isinstance(out, tuple) else out
         logits = self.proj_out(dec.layer_norm(hidden))[:, -1]
         new_self = [(layer.keys, layer.values) for layer in kv.self_attention_cache.layers]
-        return (logits, *_join(new_self, lay.self_values))
+        return (logits, *_join(new_self, lay.self_keys, lay.self_values))
 
 
 @torch.no_grad()

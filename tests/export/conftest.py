@@ -1,6 +1,6 @@
 """Checkpoints for the export tests, built once per session: Whisper tiny.en with its decoder converted to MLA
-(rank 192, activation-aware) and GQA (2 K/V heads), saved and reloaded like any checkpoint; and the real clips
-every export is checked on."""
+(rank 192, activation-aware), to MLA with one latent shared by the cross slots (self rank 96, cross 384), and to
+GQA (2 K/V heads), saved and reloaded like any checkpoint; and the real clips every export is checked on."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from mla_registry.calibration import CalibrationSettings
 from mla_registry.convert import convert_model
 
 CALIBRATION = CalibrationSettings("builtin:real?source=librispeech_dev_clean", 4)  # never the test clips
-SPECS = {"mla": "decoder.*=mla:rank=192", "gqa": "decoder.*=gqa:kv_heads=2"}
+SPECS = {"mla": ["decoder.*=mla:rank=192"], "gqa": ["decoder.*=gqa:kv_heads=2"],
+         "mla-shared": ["decoder.self=mla:rank=96", "decoder.cross=mla:rank=384,share_cross=true"]}
 MAX_NEW_TOKENS = 48
 
 
@@ -21,9 +22,9 @@ def export_ckpts(tmp_path_factory):
     """``{name: checkpoint directory}`` for every entry of :data:`SPECS`."""
     root = tmp_path_factory.mktemp("export-ckpts")
     out = {}
-    for name, spec in SPECS.items():
+    for name, specs in SPECS.items():
         model, processor = model_refs.load("bundled:whisper-tiny.en")
-        convert_model(model, processor, [spec], CALIBRATION, source_model="bundled:whisper-tiny.en")
+        convert_model(model, processor, specs, CALIBRATION, source_model="bundled:whisper-tiny.en")
         out[name] = checkpoint.save(model, root / name, processor)
     return out
 

@@ -34,7 +34,7 @@ def ort_tokens(runtime: OrtWhisper, feats) -> list[list[int]]:
     return out
 
 
-@pytest.mark.parametrize("name", ["mla", "gqa"])
+@pytest.mark.parametrize("name", ["mla", "gqa", "mla-shared"])
 def test_onnx_runtime_tokens_and_cache(ckpt_tokens, onnx_exports, real_clips, name):
     model, ours = ckpt_tokens[name]
     runtime = OrtWhisper(onnx_exports[name], threads=1)
@@ -48,6 +48,9 @@ def test_onnx_runtime_tokens_and_cache(ckpt_tokens, onnx_exports, real_clips, na
     if name == "mla":
         assert shapes["cross.0.key"] == [batch, 1, 1500, 192]
         assert not any(n.endswith(".value") for n in shapes)  # the latent only, never K/V
+    elif name == "mla-shared":  # one latent for the four cross layers: layer 0's entry, the others empty
+        assert shapes["cross.0.key"] == [batch, 1, 1500, 384]
+        assert not any(f"cross.{i}." in n for i in (1, 2, 3) for n in shapes)  # nothing passed for them
     else:
         assert shapes["cross.0.key"] == shapes["cross.0.value"] == [batch, 2, 1500, 64]
     declared_self, declared_cross = kvcache.declared(model)

@@ -18,5 +18,6 @@ test_mla = conformance_test(MlaBuilder(), [{"rank": 16, "init": "svd"}, {"rank":
                                            {"rank": 16, "init": "activation", "refit": True}])
 test_mla_decoder_only = conformance_test(MlaBuilder(), [{"rank": 16, "init": "activation"}],
                                          kinds=("decoder.self", "decoder.cross"), checks=("roundtrip", "cache"))
-test_mla_budget = conformance_test(MlaBuilder(), [{"budget": 0.25, "init": "attention"}],
+test_mla_budget = conformance_test(MlaBuilder(), [{"budget": 0.25, "init": "attention"},
+                                                 {"budget": 0.125, "init": "scores", "share_cross": True}],
                                    kinds=("decoder.self", "decoder.cross"), checks=("roundtrip", "cache", "backward"))

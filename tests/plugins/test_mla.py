@@ -128,7 +128,7 @@ def test_module_parameters_and_build_kwargs(fresh, context, h):
     assert set(module.state_dict()) == {"q_proj.weight", "q_proj.bias", "kv_down.weight", "k_up.weight",
                                         "v_up.weight", "v_up.bias", "out_proj.weight", "out_proj.bias"}
     builder = MlaBuilder()
-    assert builder.build_kwargs(builder.validate({"rank": RANK})) == {"rank": RANK, "absorb": True}
+    assert builder.build_kwargs(builder.validate({"rank": RANK})) == {"rank": RANK, "absorb": True, "latent_from": None}
 
 
 def test_kwarg_errors(stock):
@@ -205,3 +205,70 @@ def test_budget_or_rank_is_required(fresh, context, h):
 def test_budget_that_is_not_a_whole_rank_is_refused(fresh, context, h):
     with pytest.raises(KwargError, match="not a whole number"):
         h.swap(fresh(), MlaBuilder(), kinds=("decoder.self",), context=context, budget=0.3)
+
+
+def shared(fresh, h, context, **kwargs):
+    """Decoder self + cross converted, the cross slots sharing one latent."""
+    return h.swap(fresh(), MlaBuilder(), kinds=("decoder.self", "decoder.cross"), context=context,
+                  share_cross=True, **kwargs)
+
+
+def test_shared_cross_latent_at_full_width_is_exact_and_cached_once(stock, fresh, context, features, decoder_ids,
+                                                                    h):
+    from mla_registry import kvcache
+
+    model = shared(fresh, h, context, rank=h.D_MODEL, init="activation")
+    torch.testing.assert_close(h.logits(model, features, decoder_ids, use_cache=True),
+                               h.logits(stock, features, decoder_ids), atol=2e-4, rtol=0)
+    with torch.no_grad():
+        out = model.generate(features, max_new_tokens=4, return_dict_in_generate=True)
+    cross = out.past_key_values.cross_attention_cache.layers
+    assert cross[0].keys.shape == (features.shape[0], 1, h.FRAMES, h.D_MODEL)
+    assert cross[1].keys.shape[-1] == 0 and cross[1].values.shape[-1] == 0  # layer 1 reads layer 0's entry
+    measured = kvcache.measure(out.past_key_values)
+    assert measured.cross_per_frame == h.D_MODEL * 4 == kvcache.declared(model)[1]  # one latent, fp32
+    assert torch.equal(h.greedy(model, features), h.greedy(stock, features))
+
+
+@pytest.mark.parametrize("init", ["activation", "scores"])
+def test_shared_cross_latent_reads_the_same_latent_with_and_without_a_cache(fresh, context, features, decoder_ids,
+                                                                            h, init):
+    model = shared(fresh, h, context, rank=RANK, init=init)
+    layers = model.model.decoder.layers
+    assert torch.equal(layers[0].encoder_attn.kv_down.weight, layers[1].encoder_attn.kv_down.weight)
+    assert [la.encoder_attn.latent_from for la in layers] == [0, 0]
+    cached = h.logits(model, features, decoder_ids, use_cache=True)
+    torch.testing.assert_close(cached, h.logits(model, features, decoder_ids, use_cache=False), atol=5e-5, rtol=0)
+    tokens = forced(model, features)
+    set_absorb(model, False)
+    assert torch.equal(tokens, forced(model, features))
+
+
+def test_shared_latent_is_fixed_and_the_budget_gives_it_its_share(stock, fresh, context, h):
+    from mla_registry import lineage, surgery
+    from mla_registry.finetune import trainable_parameters
+
+    model = shared(fresh, h, context, budget=0.125, init="scores")
+    records = {r.path: r for r in lineage.of(model).slots}
+    cross = [r for r in records.values() if r.kind == "decoder.cross"]
+    selfs = [r for r in records.values() if r.kind == "decoder.self"]
+    assert [r.kwargs["rank"] for r in cross] == [0.125 * 2 * h.D_MODEL * 2] * 2  # one latent for both layers
+    assert sum(r.kwargs["rank"] for r in selfs) == 0.125 * 2 * h.D_MODEL * 2
+    assert surgery.describe(model)["decoder.cross"] == "mla(budget 1/8: 32, latent_from=0)"
+    names = set(trainable_parameters(model, "converted"))
+    assert not any(n.endswith("encoder_attn.kv_down.weight") for n in names)
+    assert any(n.endswith("encoder_attn.k_up.weight") for n in names)
+    assert any(n.endswith("self_attn.kv_down.weight") for n in names)
+
+
+def test_shared_latent_errors(stock, fresh, context, h):
+    with pytest.raises(KwargError, match="selects no cross-attention slot"):
+        h.swap(fresh(), MlaBuilder(), kinds=("decoder.self",), context=context, rank=8, share_cross=True)
+    with pytest.raises(KwargError, match="'latent_from' is set by share_cross"):
+        h.swap(fresh(), MlaBuilder(), kinds=("decoder.cross",), context=context, rank=8, latent_from=0)
+    with pytest.raises(KwargError, match="budget_scope='kind'"):
+        shared(fresh, h, context, budget=0.25, budget_scope="all")
+    builder, slot = MlaBuilder(), [s for s in whisper.slots(stock) if s.is_cross][0]
+    with pytest.raises(KwargError, match="convert through mla_registry.surgery"):
+        builder.convert(stock.get_submodule(slot.path), slot, context,
+                        **builder.validate({"rank": 8, "latent_from": 0}))
