@@ -238,8 +238,8 @@ def _kind_label(records: list[SlotRecord | None]) -> str:
         if len(budgets) == 1 and None not in budgets and all("rank" in r.kwargs for r in rs):
             ranks = sorted(r.kwargs["rank"] for r in rs)
             span = f"{ranks[0]}..{ranks[-1]}" if ranks[0] != ranks[-1] else str(ranks[0])
-            others = short_form(plugin, [{k: v for k, v in r.kwargs.items() if k != "rank"} for r in rs])
-            others = f", {others[len(plugin) + 1:-1]}" if others != plugin else ""
+            others = "".join(f", {part}" for part in _kwarg_parts(plugin, [
+                {k: v for k, v in r.kwargs.items() if k != "rank"} for r in rs]))
             labels.add(f"{plugin}(budget {Fraction(budgets.pop()).limit_denominator(1024)}: {span}{others})")
         else:
             labels.add(short_form(plugin, [r.kwargs for r in rs]))
@@ -249,6 +249,12 @@ def _kind_label(records: list[SlotRecord | None]) -> str:
 def short_form(plugin: str, kwargs_per_slot: list[dict[str, Any]]) -> str:
     """``mla(rank=192)``: the plugin and the kwargs that differ from their defaults; a kwarg whose value differs
     between slots shows its range (``rank=64..160``) or its values."""
+    parts = _kwarg_parts(plugin, kwargs_per_slot)
+    return plugin + (f"({','.join(parts)})" if parts else "")
+
+
+def _kwarg_parts(plugin: str, kwargs_per_slot: list[dict[str, Any]]) -> list[str]:
+    """``key=value`` (or ``key=lo..hi``, ``key=a|b``) for each kwarg that differs from its default."""
     try:
         defaults = {k.name: k.default for k in get_builder(plugin).kwargs if not k.required}
     except Exception:  # noqa: BLE001 - a label must not fail; show every kwarg instead
@@ -265,7 +271,7 @@ def short_form(plugin: str, kwargs_per_slot: list[dict[str, Any]]) -> str:
             parts.append(f"{k}={min(distinct)}..{max(distinct)}")
         else:
             parts.append(f"{k}={'|'.join(map(str, distinct))}")
-    return plugin + (f"({','.join(parts)})" if parts else "")
+    return parts
 
 
 def attention_label(attention: dict[str, str] | None) -> str:

@@ -127,8 +127,11 @@ def _split(tensors: list[torch.Tensor], keys, values) -> list[tuple[torch.Tensor
     it = iter(tensors)
     pairs = [(next(it) if k.width else None, next(it) if v else None) for k, v in zip(keys, values)]
     ref = next(t for pair in pairs for t in pair if t is not None)
-    return [(ref[..., :0] if k is None else k, (k if k is not None else ref)[..., :0] if v is None else v)
-            for k, v in pairs]
+    out = []
+    for k, v in pairs:
+        k = ref[..., :0] if k is None else k
+        out.append((k, k[..., :0] if v is None else v))
+    return out
 
 
 def _join(pairs, keys, values) -> list[torch.Tensor]:
