@@ -12,6 +12,7 @@ its bias, both measured through an output-side weight ``G`` (``||G (W - A D) x||
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -51,6 +52,21 @@ class InputStats:
     def centred(self) -> torch.Tensor:
         """``(X - 1 mu^T)^T (X - 1 mu^T)``: the Gram of the centred inputs."""
         return self.gram - torch.outer(self.total, self.total) / self.n
+
+
+_STATS: dict[int, tuple[weakref.ref, InputStats]] = {}
+
+
+def stats_of(x: torch.Tensor) -> InputStats:
+    """:meth:`InputStats.of` ``x``, computed once per tensor (the cross slots share one encoder output, and a
+    plan and its conversion read the same inputs); entries die with their tensor."""
+    hit = _STATS.get(id(x))
+    if hit is not None and hit[0]() is x:
+        return hit[1]
+    stats = InputStats.of(x)
+    key = id(x)
+    _STATS[key] = (weakref.ref(x, lambda _ref: _STATS.pop(key, None)), stats)
+    return stats
 
 
 def ridged_cholesky(gram: torch.Tensor) -> torch.Tensor:
@@ -108,6 +124,27 @@ def _upper_root(gram: torch.Tensor, damping: float = 0.0) -> torch.Tensor:
     return ridged_cholesky(gram).T
 
 
+def query_roots(w_q: torch.Tensor, b_q: torch.Tensor | None, queries: InputStats, num_heads: int,
+                damping: float = 0.0, centre: bool = False) -> list[torch.Tensor]:
+    """Per head ``h``, the upper ``R_h`` with ``R_h^T R_h = E[q_h q_h^T]`` for ``q = W_q x + b_q`` over the query
+    inputs (their covariance with ``centre``): ``||R_h e||^2 = E[(q_h . e)^2]``, the squared error a key error
+    ``e`` causes in head ``h``'s scores."""
+    d = w_q.shape[0]
+    hd = d // num_heads
+    w_q = w_q.double().cpu()
+    b_q = torch.zeros(d, dtype=torch.float64) if b_q is None else b_q.double().cpu()
+    wq_aug = torch.cat([w_q, b_q[:, None]], dim=1)  # q = [W_q b] [x; 1]
+    n_in = queries.gram.shape[0]
+    aug = torch.zeros(n_in + 1, n_in + 1, dtype=torch.float64)
+    aug[:n_in, :n_in], aug[:n_in, n_in], aug[n_in, :n_in], aug[n_in, n_in] = (queries.gram, queries.total,
+                                                                              queries.total, queries.n)
+    second = wq_aug @ aug @ wq_aug.T / queries.n  # E[q q^T], [d, d]
+    if centre:
+        mean_q = wq_aug @ torch.cat([queries.total, torch.tensor([float(queries.n)], dtype=torch.float64)])
+        second = second - torch.outer(mean_q, mean_q) / queries.n ** 2
+    return [_upper_root(second[h * hd:(h + 1) * hd, h * hd:(h + 1) * hd], damping) for h in range(num_heads)]
+
+
 def attention_weight(w: torch.Tensor, inputs: InputStats, w_q: torch.Tensor, b_q: torch.Tensor | None,
                      queries: InputStats, w_o: torch.Tensor, num_heads: int, damping: float = 0.0,
                      centre_queries: bool = False, weight_values: bool = True, balance: bool = True
@@ -127,18 +164,7 @@ def attention_weight(w: torch.Tensor, inputs: InputStats, w_q: torch.Tensor, b_q
     and V at their natural scale (``G_k`` then normalised to keep K's plain energy).
     """
     d = w.shape[1]
-    hd = d // num_heads
-    w_q = w_q.double().cpu()
-    b_q = torch.zeros(d, dtype=torch.float64) if b_q is None else b_q.double().cpu()
-    wq_aug = torch.cat([w_q, b_q[:, None]], dim=1)  # q = [W_q b] [x; 1]
-    aug = torch.zeros(d + 1, d + 1, dtype=torch.float64)
-    aug[:d, :d], aug[:d, d], aug[d, :d], aug[d, d] = queries.gram, queries.total, queries.total, queries.n
-    second = wq_aug @ aug @ wq_aug.T / queries.n  # E[q q^T], [d, d]
-    if centre_queries:
-        mean_q = wq_aug @ torch.cat([queries.total, torch.tensor([float(queries.n)], dtype=torch.float64)])
-        second = second - torch.outer(mean_q, mean_q) / queries.n ** 2
-    g_k = torch.block_diag(*[_upper_root(second[h * hd:(h + 1) * hd, h * hd:(h + 1) * hd], damping)
-                             for h in range(num_heads)])
+    g_k = torch.block_diag(*query_roots(w_q, b_q, queries, num_heads, damping, centre_queries))
     eye = torch.eye(d, dtype=torch.float64)
     g_v = _upper_root(w_o.double().cpu().T @ w_o.double().cpu(), damping) if weight_values else eye
     cov = inputs.centred()
@@ -181,14 +207,21 @@ def refit_up(w: torch.Tensor, b: torch.Tensor | None, down: torch.Tensor, stats:
     its problem a centred one too: the same formula, and ``b' = b + (W_v - A_v D) mu``. Returns ``(A [2d x r],
     b' [d])``; it minimises :func:`kv_error` under every block-diagonal weight, so it never increases it."""
     w, down = w.double().cpu(), down.double().cpu()
-    d, r = w.shape[1], down.shape[0]
-    cov = stats.centred()
-    lhs = down @ cov @ down.T
-    ridge = SOLVE_RIDGE * torch.trace(lhs) / r * torch.eye(r, dtype=torch.float64)
-    up = torch.linalg.solve(lhs + ridge, down @ cov @ w.T).T  # [2d, r]: K and V share the normal equations
+    d = w.shape[1]
+    up = least_squares_up(w, down, stats.centred())  # [2d, r]: K and V share the normal equations
     bias = torch.zeros(d, dtype=torch.float64) if b is None else b.double().cpu()
     bias = bias + (w[d:] - up[d:] @ down) @ stats.mean  # a free bias fits V on centred inputs
     return up, bias
+
+
+def least_squares_up(w: torch.Tensor, down: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+    """``A = argmin ||X (W - A D)^T||`` for inputs with Gram ``X^T X = gram``: ``W gram D^T (D gram D^T)^-1``
+    (``len(w) x r``; every row of ``W`` is its own problem, so any invertible row-block weight gives the same
+    ``A``)."""
+    w, down = w.double().cpu(), down.double().cpu()
+    lhs = down @ gram @ down.T
+    ridge = SOLVE_RIDGE * torch.trace(lhs) / down.shape[0] * torch.eye(down.shape[0], dtype=torch.float64)
+    return torch.linalg.solve(lhs + ridge, down @ gram @ w.T).T
 
 
 def allocate_ranks(spectra: Sequence[torch.Tensor], total: int, minimum: int = 1) -> list[int]:

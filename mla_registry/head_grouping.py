@@ -9,19 +9,26 @@ Weights are Whisper's (``[out, in]``): ``W_q, W_k, W_v, W_o`` (``d x d``), head 
 - per head, an orthogonal ``R`` applied to q and k (``q R . k R = q . k``) and another applied to v and to o's
   columns (``v R (W_o R)^T = v W_o^T``) change nothing either; choosing them by Procrustes (the heads' K, resp.
   V, activations brought to their group's common frame) makes the heads of a group alike before their K/V are
-  mean-pooled (Jin et al. 2024, "Align attention heads before merging them").
+  mean-pooled (Jin et al. 2024, "Align attention heads before merging them");
+- more generally, any invertible per-head ``B`` on the K side (``q . B k = B^T q . k``) and ``A`` on the V
+  side (``W_o (A v) = (W_o A) v``) folds into ``W_q`` and ``W_o``. :func:`fitted` uses it: each group's shared
+  K head is the best rank-``head_dim`` fit of its heads' stacked keys under the scores' error (each head's
+  query covariance, as the ``mla`` plugin's ``scores`` init), its shared V head that of their values; the
+  per-head maps are least-squares solutions on the calibration inputs, absorbed into ``W_q``'s rows and
+  ``W_o``'s columns, and V's bias (constant through softmax) into ``W_o``'s bias. Mean pooling is the special
+  case ``B = A = I`` with the mean as the shared head, so the fit errs no more on its own objective.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
 import torch
 
-from .conversion_math import align_heads
+from . import conversion_math as cm
 
 Groups = tuple[tuple[int, ...], ...]
 EXHAUSTIVE_LIMIT = 200  # groupings tried one by one below this count; greedy above
@@ -128,8 +135,8 @@ def align(w: HeadWeights, groups: Groups, inputs: torch.Tensor | None) -> HeadWe
     for group in groups:
         keys = [x @ w.rows(w.w_k, h).T for h in group]
         values = [x @ w.rows(w.w_v, h).T + (0 if w.b_v is None else w.rows(w.b_v, h)) for h in group]
-        rot_k.update(zip(group, align_heads(keys)))
-        rot_v.update(zip(group, align_heads(values)))
+        rot_k.update(zip(group, cm.align_heads(keys)))
+        rot_v.update(zip(group, cm.align_heads(values)))
     return _rotate(w, rot_k, rot_v)
 
 
@@ -153,6 +160,54 @@ def pooled(w: HeadWeights, groups: Groups, inputs: torch.Tensor | None, do_align
     def pool(t):
         return None if t is None else t.reshape(kv, size, hd, *t.shape[1:]).mean(1).reshape(kv * hd, *t.shape[1:])
     return w, pool(w.w_k), pool(w.w_v), pool(w.b_v)
+
+
+Converted = tuple[HeadWeights, torch.Tensor, torch.Tensor, torch.Tensor | None]
+Conversion = Callable[[HeadWeights, Groups], Converted]  # what output_error and search compare groupings by
+
+
+def mean_pooling(inputs: torch.Tensor | None, do_align: bool) -> Conversion:
+    """:func:`pooled` as a :data:`Conversion`."""
+    return lambda w, groups: pooled(w, groups, inputs, do_align)
+
+
+def fitting(keys: cm.InputStats, queries: cm.InputStats) -> Conversion:
+    """:func:`fitted` as a :data:`Conversion`."""
+    return lambda w, groups: fitted(w, groups, keys, queries)
+
+
+def fitted(w: HeadWeights, groups: Groups, keys: cm.InputStats, queries: cm.InputStats) -> Converted:
+    """The GQA conversion under ``groups`` by least-squares fitted shared heads (see the module docstring):
+    ``(weights with heads permuted, W_q's rows and W_o's columns and bias absorbing the per-head maps; the
+    shared W_k; the shared W_v; V's bias, zero)``. ``keys``/``queries``: statistics of the slot's K/V and query
+    inputs on calibration data."""
+    w = permute(w, [h for g in groups for h in g])
+    kv, size, hd = len(groups), len(groups[0]), w.head_dim
+    roots = cm.query_roots(w.w_q, w.b_q, queries, w.num_heads, centre=True)
+    centred = keys.centred()
+    w_q, w_o = w.w_q.clone(), w.w_o.clone()
+    b_q = None if w.b_q is None else w.b_q.clone()
+    b_o = None if w.b_o is None else w.b_o.clone()
+    v_gram = keys.gram if w.b_v is None else centred  # a V bias to absorb makes V's problem a centred one
+    shared_k, shared_v = [], []
+    for g in range(kv):
+        rows = slice(g * size * hd, (g + 1) * size * hd)
+        w_k, w_v = w.w_k[rows], w.w_v[rows]
+        _, d_k = cm.spectrum(w_k, centred, torch.block_diag(*roots[g * size:(g + 1) * size])).factors(w_k, hd)
+        _, d_v = cm.spectrum(w_v, v_gram).factors(w_v, hd)
+        a_k, a_v = cm.least_squares_up(w_k, d_k, centred), cm.least_squares_up(w_v, d_v, v_gram)
+        for i in range(size):
+            s, local = slice((g * size + i) * hd, (g * size + i + 1) * hd), slice(i * hd, (i + 1) * hd)
+            w_q[s] = a_k[local].T @ w.w_q[s]
+            if b_q is not None:
+                b_q[s] = a_k[local].T @ w.b_q[s]
+            w_o[:, s] = w.w_o[:, s] @ a_v[local]
+            if b_o is not None and w.b_v is not None:
+                b_o += w.w_o[:, s] @ (w.b_v[s] + (w.w_v[s] - a_v[local] @ d_v) @ keys.mean)
+        shared_k.append(d_k)
+        shared_v.append(d_v)
+    b_v = None if w.b_v is None else torch.zeros(kv * hd, dtype=torch.float64)
+    return replace(w, w_q=w_q, b_q=b_q, w_o=w_o, b_o=b_o), torch.cat(shared_k), torch.cat(shared_v), b_v
 
 
 @dataclass(frozen=True)
@@ -181,7 +236,7 @@ class Probe:
 
 def _output(w: HeadWeights, k_w: torch.Tensor, v_w: torch.Tensor, b_v: torch.Tensor | None, kv_heads: int,
             xq: torch.Tensor, xk: torch.Tensor, causal: bool) -> torch.Tensor:
-    """Attention output (before W_o's bias) with ``kv_heads`` K/V heads shared by contiguous query groups."""
+    """Attention output with ``kv_heads`` K/V heads shared by contiguous query groups."""
     heads, hd = w.num_heads, w.head_dim
     q = xq @ w.w_q.T + (0 if w.b_q is None else w.b_q)
     k = xk @ k_w.T
@@ -194,31 +249,30 @@ def _output(w: HeadWeights, k_w: torch.Tensor, v_w: torch.Tensor, b_v: torch.Ten
         m = scores.shape[-1]
         scores = scores.masked_fill(torch.ones(m, m, dtype=torch.bool).triu(1), float("-inf"))
     out = (scores.softmax(-1) @ v).transpose(0, 1).reshape(xq.shape[0], heads * hd)
-    return out @ w.w_o.T
+    return out @ w.w_o.T + (0 if w.b_o is None else w.b_o)
 
 
-def output_error(w: HeadWeights, groups: Groups, probe: Probe, inputs: torch.Tensor | None, do_align: bool,
+def output_error(w: HeadWeights, groups: Groups, probe: Probe, convert: Conversion,
                  reference: list[torch.Tensor] | None = None) -> float:
-    """Squared attention-output error of the GQA conversion under ``groups`` against the MHA on ``probe``,
-    relative to the MHA output's squared norm."""
+    """Squared attention-output error of the GQA conversion ``convert`` under ``groups`` against the MHA on
+    ``probe``, relative to the MHA output's squared norm."""
     if reference is None:
         reference = [_output(w, w.w_k, w.w_v, w.b_v, w.num_heads, q, k, c) for q, k, c in probe.chunks]
-    pw, k_w, v_w, b_v = pooled(w, groups, inputs, do_align)
+    pw, k_w, v_w, b_v = convert(w, groups)
     err = sum(float((_output(pw, k_w, v_w, b_v, len(groups), q, k, c) - ref).square().sum())
               for (q, k, c), ref in zip(probe.chunks, reference))
     return err / sum(float(ref.square().sum()) for ref in reference)
 
 
-def search(w: HeadWeights, kv_heads: int, probe: Probe, inputs: torch.Tensor | None, do_align: bool
-           ) -> tuple[Groups, float]:
-    """The grouping with the least :func:`output_error`: every partition when there are at most
-    ``EXHAUSTIVE_LIMIT``, else greedy (groups filled one head at a time, each time with the head whose addition
-    to the partial grouping, the rest contiguous, errs least). Contiguous is always a candidate, so the result
-    is never worse than it on this objective."""
+def search(w: HeadWeights, kv_heads: int, probe: Probe, convert: Conversion) -> tuple[Groups, float]:
+    """The grouping with the least :func:`output_error` under ``convert``: every partition when there are at
+    most ``EXHAUSTIVE_LIMIT``, else greedy (groups filled one head at a time, each time with the head whose
+    addition to the partial grouping, the rest contiguous, errs least). Contiguous is always a candidate, so
+    the result is never worse than it on this objective."""
     reference = [_output(w, w.w_k, w.w_v, w.b_v, w.num_heads, q, k, c) for q, k, c in probe.chunks]
 
     def cost(groups: Groups) -> float:
-        return output_error(w, groups, probe, inputs, do_align, reference)
+        return output_error(w, groups, probe, convert, reference)
 
     base = contiguous(w.num_heads, kv_heads)
     best, best_err = base, cost(base)

@@ -1,8 +1,16 @@
 """``gqa``: grouped-query attention (Ainslie et al. 2023); ``kv_heads=1`` is multi-query attention.
 
-Conversion mean-pools the key/value projection heads of each group of ``num_heads / kv_heads`` consecutive
-heads. The cache holds only ``kv_heads`` heads; attention folds each group's queries onto its shared head
-(K/V are never repeated, neither in the cache nor in attention).
+Conversion (``pool="mean"``, default) mean-pools the key/value projection heads of each group of
+``num_heads / kv_heads`` consecutive heads. The cache holds only ``kv_heads`` heads; attention folds each
+group's queries onto its shared head (K/V are never repeated, neither in the cache nor in attention).
+
+``pool="fit"`` fits each group's shared K/V head instead: the shared K head is the best ``head_dim``-wide fit
+of the group's stacked keys under the error of the attention scores (each head's query covariance on
+calibration data, as ``mla:init=scores``), the shared V head that of its values; each head keeps its own
+least-squares map from the shared head, folded into its query rows (``q . B k = B^T q . k``) and its output
+projection columns (``W_o A v``), V's bias into the output bias. The module is the same GQA module (nothing
+is added per step); mean pooling is the special case ``B = A = I``. Orthogonal alignment is then redundant
+(the maps include every rotation).
 
 ``grouping="search"`` chooses which heads share a K/V head on calibration data: the grouping with the least
 attention-output error (every partition when there are few, e.g. the 10 ways to split 6 heads in 2 groups of 3;
@@ -20,12 +28,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from mla_registry import conversion_math as cm
 from mla_registry import head_grouping as hg
 from mla_registry.attention import SlotAttention, attend, cached_states
 from mla_registry.builder import AttentionBuilder, ConversionContext, Equivalence, Kwarg, Slot
 from mla_registry.errors import KwargError
 from mla_registry.hookspecs import hookimpl
 
+POOLS = ("mean", "fit")
 GROUPS = {"query": ("q_proj.",), "kv": ("k_proj.", "v_proj."), "output": ("out_proj.",)}
 
 
@@ -63,14 +73,17 @@ class GroupedQueryAttention(SlotAttention):
 
 
 class GqaBuilder(AttentionBuilder):
-    """Builds :class:`GroupedQueryAttention`; conversion mean-pools K/V heads per group."""
+    """Builds :class:`GroupedQueryAttention`; conversion mean-pools (or fits) K/V heads per group."""
 
     name = "gqa"
-    version = "1"
-    description = "Grouped-query attention: K/V heads mean-pooled into kv_heads groups (kv_heads=1: MQA)"
+    version = "2"  # 2: pool=fit
+    description = "Grouped-query attention: K/V heads pooled (mean or fitted) into kv_heads groups (kv_heads=1: MQA)"
     kwargs = (
         Kwarg("kv_heads", int, help="number of key/value heads; must divide the slot's num_heads (1 = MQA)",
               check=lambda v: None if v >= 1 else "must be >= 1"),
+        Kwarg("pool", str, default="mean", choices=POOLS, build=False,
+              help="how a group's K/V heads become one: 'mean' (their average) or 'fit' (least-squares fitted on "
+                   "calibration data, per-head maps folded into the query and output projections)"),
         Kwarg("grouping", str, default="contiguous", choices=("contiguous", "search"), build=False,
               help="which query heads share a K/V head: consecutive ones, or searched on calibration data by "
                    "attention-output error"),
@@ -89,6 +102,9 @@ class GqaBuilder(AttentionBuilder):
             allowed = ", ".join(str(n) for n in range(1, heads + 1) if heads % n == 0)
             raise KwargError(f"attention 'gqa' at slot {slot.name}: kwarg 'kv_heads'={kv} does not divide "
                              f"num_heads={heads}; allowed values: {allowed}")
+        if kwargs["pool"] == "fit" and kwargs["align"]:
+            raise KwargError(f"attention 'gqa' at slot {slot.name}: kwarg 'align'=true has no effect with "
+                             "pool='fit' (its per-head maps include every rotation); drop one of them")
         if kwargs.get("groups") is not None:
             try:
                 hg.parse_groups(kwargs["groups"], heads, kv)
@@ -104,15 +120,13 @@ class GqaBuilder(AttentionBuilder):
 
     def convert(self, original: nn.Module, slot: Slot, context: ConversionContext | None = None,
                 **kwargs: Any) -> GroupedQueryAttention:
-        """Heads permuted so each group is contiguous (aligned first with ``align``); Q and output projections
-        carried; K/V projection heads (and V's bias) mean-pooled per group."""
+        """Heads permuted so each group is contiguous (aligned first with ``align``); K/V projection heads (and
+        V's bias) mean-pooled per group, Q and output projections carried; or, with ``pool="fit"``, fitted."""
         module = self.build(slot, **self.build_kwargs(kwargs))
         heads, kv = module.num_heads, module.kv_heads
         groups = (hg.contiguous(heads, kv) if kwargs.get("groups") is None
                   else hg.parse_groups(kwargs["groups"], heads, kv))
-        weights = hg.HeadWeights.of(original, heads)
-        inputs = _sample(context.calibration_inputs(slot)) if kwargs["align"] and context is not None else None
-        w, k, v, b_v = hg.pooled(weights, groups, inputs, kwargs["align"])
+        w, k, v, b_v = _conversion(slot, context, kwargs)(hg.HeadWeights.of(original, heads), groups)
         state = {"q_proj.weight": w.w_q, "k_proj.weight": k, "v_proj.weight": v, "out_proj.weight": w.w_o}
         for name, t in (("q_proj.bias", w.b_q), ("v_proj.bias", b_v), ("out_proj.bias", w.b_o)):
             if t is not None:
@@ -146,12 +160,23 @@ class GqaBuilder(AttentionBuilder):
                 weights = hg.HeadWeights.of(context.original(slot), slot.num_heads)
                 probe = hg.Probe.of(context.query_inputs(slot), context.calibration_inputs(slot), slot.is_cross,
                                     frames=getattr(slot.config, "max_source_positions", 1500))
-                inputs = _sample(context.calibration_inputs(slot)) if kwargs["align"] else None
-                groups = hg.format_groups(hg.search(weights, kwargs["kv_heads"], probe, inputs, kwargs["align"])[0])
+                convert = _conversion(slot, context, kwargs)
+                groups = hg.format_groups(hg.search(weights, kwargs["kv_heads"], probe, convert)[0])
             elif groups is None:
                 groups = hg.format_groups(hg.contiguous(slot.num_heads, kwargs["kv_heads"]))
             out[slot.path] = {**kwargs, "groups": groups}
         return out
+
+
+def _conversion(slot: Slot, context: ConversionContext | None, kwargs: Mapping[str, Any]) -> hg.Conversion:
+    """The slot's pooling under ``kwargs`` (``pool``, ``align``) on its calibration data."""
+    if kwargs["pool"] == "fit":
+        if context is None:
+            raise KwargError(f"attention 'gqa' at slot {slot.name}: pool='fit' needs calibration audio (a "
+                             "conversion context)")
+        return hg.fitting(cm.stats_of(context.calibration_inputs(slot)), cm.stats_of(context.query_inputs(slot)))
+    inputs = _sample(context.calibration_inputs(slot)) if kwargs["align"] and context is not None else None
+    return hg.mean_pooling(inputs, kwargs["align"])
 
 
 def _sample(x: torch.Tensor, rows: int = 8192) -> torch.Tensor:

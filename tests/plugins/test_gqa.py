@@ -1,5 +1,5 @@
-"""The ``gqa`` plugin: mean-pooled K/V heads, a cache of ``kv_heads`` heads, folded attention equal to MHA with
-the pooled heads repeated (the generic contract is in test_conformance)."""
+"""The ``gqa`` plugin: mean-pooled or fitted K/V heads, a cache of ``kv_heads`` heads, folded attention equal to
+MHA with the pooled heads repeated (the generic contract is in test_conformance)."""
 
 from __future__ import annotations
 
@@ -110,29 +110,100 @@ def test_aligned_and_pooled_equals_mha_when_heads_differ_by_rotation(fresh, feat
     assert torch.equal(h.greedy(aligned, features), h.greedy(reference, features))
 
 
-@pytest.mark.parametrize("align", [False, True])
+def heads_alike_up_to_linear_maps(model, seed: int = 0):
+    """Make every head's K rows an invertible linear map of head 0's, and its V rows another one, each head
+    with its own V bias, per slot: one fitted K/V head per group then loses nothing, whatever the grouping."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for slot in whisper.slots(model):
+            m = model.get_submodule(slot.path)
+            hd = slot.embed_dim // slot.num_heads
+            for h in range(1, slot.num_heads):
+                s = slice(h * hd, (h + 1) * hd)
+                m_k, m_v = (torch.eye(hd) + 0.4 * torch.randn(hd, hd, generator=g) / hd ** 0.5 for _ in range(2))
+                m.k_proj.weight[s] = m_k @ m.k_proj.weight[:hd]
+                m.v_proj.weight[s] = m_v @ m.v_proj.weight[:hd]
+                m.v_proj.bias[s] = torch.randn(hd, generator=g)
+    return model
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2])
+def test_fitted_equals_mha_when_heads_differ_by_linear_maps(fresh, features, decoder_ids, h, kv_heads):
+    """pool=fit folds each head's map from the shared K/V head into its query and output projections (and its
+    V bias into the output bias): exact where the heads of a group are linear maps of one another, which
+    rotation-aligned mean pooling is not."""
+    from mla_registry import testing
+
+    reference = heads_alike_up_to_linear_maps(fresh())
+    context = testing.ForwardContext(reference)
+    fitted = h.swap(heads_alike_up_to_linear_maps(fresh()), GqaBuilder(), context=context, kv_heads=kv_heads,
+                    pool="fit")
+    aligned = h.swap(heads_alike_up_to_linear_maps(fresh()), GqaBuilder(), context=context, kv_heads=kv_heads,
+                     align=True)
+    want = h.logits(reference, features, decoder_ids)
+    torch.testing.assert_close(h.logits(fitted, features, decoder_ids), want, atol=2e-4, rtol=1e-4)
+    assert (h.logits(aligned, features, decoder_ids) - want).abs().max() > 1e-2  # a rotation cannot match them
+    assert torch.equal(h.greedy(fitted, features), h.greedy(reference, features))
+    assert torch.equal(h.greedy(fitted, features, num_beams=3), h.greedy(reference, features, num_beams=3))
+
+
+def test_fitted_errs_less_than_aligned_mean_pooling(stock, context, h):
+    """On the random model's calibration data, every slot's attention-output error under pool=fit is below
+    that of the aligned mean (the best mean pooling) for the same grouping."""
+    from mla_registry import conversion_math as cm
+    from mla_registry import head_grouping as hg
+    from mla_registry.plugins.gqa import _sample
+
+    for slot in whisper.slots(stock):
+        w = hg.HeadWeights.of(stock.get_submodule(slot.path), slot.num_heads)
+        keys, queries = context.calibration_inputs(slot), context.query_inputs(slot)
+        probe = hg.Probe.of(queries, keys, slot.is_cross, frames=h.FRAMES)
+        groups = hg.contiguous(slot.num_heads, 2)
+        fit = hg.output_error(w, groups, probe, hg.fitting(cm.stats_of(keys), cm.stats_of(queries)))
+        mean = hg.output_error(w, groups, probe, hg.mean_pooling(_sample(keys), True))
+        assert fit < mean, slot.name
+
+
+def test_fit_with_one_head_per_group_is_the_original(stock, fresh, context, features, decoder_ids, h):
+    model = h.swap(fresh(), GqaBuilder(), context=context, kv_heads=h.HEADS, pool="fit")
+    torch.testing.assert_close(h.logits(model, features, decoder_ids), h.logits(stock, features, decoder_ids),
+                               atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(("pool", "align"), [("mean", False), ("mean", True), ("fit", False)])
 @pytest.mark.parametrize("exhaustive", [True, False])
-def test_search_is_never_worse_than_contiguous_on_its_objective(stock, fresh, context, h, monkeypatch, align,
+def test_search_is_never_worse_than_contiguous_on_its_objective(stock, fresh, context, h, monkeypatch, pool, align,
                                                                 exhaustive):
     from mla_registry import head_grouping as hg
     from mla_registry import lineage
-    from mla_registry.plugins.gqa import _sample
+    from mla_registry.plugins.gqa import _conversion
 
     if not exhaustive:
         monkeypatch.setattr(hg, "EXHAUSTIVE_LIMIT", 0)
-    model = h.swap(fresh(), GqaBuilder(), context=context, kv_heads=2, grouping="search", align=align)
+    kwargs = {"kv_heads": 2, "grouping": "search", "align": align, "pool": pool}
+    model = h.swap(fresh(), GqaBuilder(), context=context, **kwargs)
     records = {r.path: r for r in lineage.of(model).slots}
     chosen_differs = False
     for slot in whisper.slots(stock):
         groups = hg.parse_groups(records[slot.path].convert_kwargs["groups"], slot.num_heads, 2)
+        assert records[slot.path].convert_kwargs["pool"] == pool
         w = hg.HeadWeights.of(stock.get_submodule(slot.path), slot.num_heads)
         probe = hg.Probe.of(context.query_inputs(slot), context.calibration_inputs(slot), slot.is_cross,
                             frames=h.FRAMES)
-        inputs = _sample(context.calibration_inputs(slot)) if align else None
-        base = hg.output_error(w, hg.contiguous(slot.num_heads, 2), probe, inputs, align)
-        assert hg.output_error(w, groups, probe, inputs, align) <= base
+        convert = _conversion(slot, context, kwargs)
+        base = hg.output_error(w, hg.contiguous(slot.num_heads, 2), probe, convert)
+        assert hg.output_error(w, groups, probe, convert) <= base
         chosen_differs |= groups != hg.contiguous(slot.num_heads, 2)
     assert chosen_differs  # on random weights some layer prefers another grouping
+
+
+def test_fit_kwarg_errors(fresh, h):
+    with pytest.raises(KwargError, match="'align'=true has no effect with pool='fit'"):
+        h.swap(fresh(), GqaBuilder(), kv_heads=2, pool="fit", align=True)
+    with pytest.raises(KwargError, match="pool='fit' needs calibration audio"):
+        h.swap(fresh(), GqaBuilder(), kv_heads=2, pool="fit")
+    with pytest.raises(KwargError, match="pool"):
+        GqaBuilder().validate({"kv_heads": 2, "pool": "median"})
 
 
 def test_partitions_are_all_the_groupings():
