@@ -17,6 +17,11 @@ its V block the root of ``W_o^T W_o`` (error after the output projection), each 
 K and V share the rank by relative error; then ``D = U_r^T G W``, ``A = G^-1 U_r`` and the least-squares V bias.
 ``init="scores"`` keeps only the score part: ``G_k`` from the per-head query *covariance*, ``G_v = I``, K and V
 at their natural scale (measured better than ``attention`` on whisper-tiny.en's cross-attention; see the study).
+``init="output"`` is ``scores`` with V's block weighted by a factor ``v_weight`` chosen per slot from
+``V_WEIGHTS`` by the error of the attention *output* (softmax and ``W_o`` included) of the factorised slot on
+the calibration audio, at its rank: how the rank splits between K and V is then decided by what the output
+loses, not by the two blocks' scales (``v_weight=1`` is ``scores``, so it errs no more than it on that probe).
+The chosen factor is recorded per slot.
 ``refit=true`` re-solves ``k_up``, ``v_up`` and V's bias by least squares on the calibration inputs for the
 chosen ``kv_down`` (SVD-LLM's update; the attention init is already its own least-squares solution).
 ``rank == embed_dim`` reproduces the original exactly.
@@ -55,12 +60,14 @@ from torch import nn
 from transformers.cache_utils import Cache
 
 from mla_registry import conversion_math as cm
+from mla_registry import head_grouping as hg
 from mla_registry.attention import SlotAttention, attend, cached_states, filled_cross_keys
 from mla_registry.builder import AttentionBuilder, ConversionContext, Equivalence, Kwarg, Slot
 from mla_registry.errors import KwargError
 from mla_registry.hookspecs import hookimpl
 
-INITS = ("activation", "svd", "attention", "scores")
+INITS = ("activation", "svd", "attention", "scores", "output")
+V_WEIGHTS = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0)  # init="output": the V weights tried per slot
 SCOPES = ("kind", "all")
 
 
@@ -157,34 +164,6 @@ class MultiHeadLatentAttention(SlotAttention):
         return 0 if self.reads_shared_latent else self.rank * self.param_bytes()
 
 
-def _fix_signs(u: torch.Tensor) -> torch.Tensor:
-    """Flip each column so its largest-magnitude entry is positive (SVD signs are otherwise arbitrary)."""
-    idx = u.abs().argmax(dim=0)
-    signs = torch.sign(u[idx, torch.arange(u.shape[1])])
-    return u * torch.where(signs == 0, torch.ones_like(signs), signs)
-
-
-def latent_basis(w: torch.Tensor, rank: int, inputs: torch.Tensor | None = None) -> torch.Tensor:
-    """Orthonormal ``U`` (``2d x rank``, float64) spanning the best rank-``rank`` range of ``w`` (``2d x d``).
-
-    Without ``inputs``: the top left singular vectors of ``w`` (plain truncated SVD). With ``inputs`` ``X``
-    (``[tokens, d]``): the top eigenvectors of ``W X^T X W^T``, computed stably as the left singular vectors
-    of ``W L`` (``L`` the Cholesky factor of ``X^T X`` plus a 1e-6 relative ridge, which keeps it invertible
-    so ``rank == d`` stays exact even with few calibration tokens).
-    """
-    w = w.double().cpu()
-    if inputs is not None:
-        x = inputs.double().cpu().reshape(-1, w.shape[1])
-        cov = x.T @ x
-        scale = torch.trace(cov) / cov.shape[0]
-        if not torch.isfinite(scale) or scale <= 0:
-            raise ValueError("calibration inputs are empty, zero or not finite")
-        cov += 1e-6 * scale * torch.eye(cov.shape[0], dtype=cov.dtype)
-        w = w @ torch.linalg.cholesky(cov)
-    u = torch.linalg.svd(w, full_matrices=False).U[:, :rank]
-    return _fix_signs(u)
-
-
 class MlaBuilder(AttentionBuilder):
     """Builds :class:`MultiHeadLatentAttention`; conversion factorises ``[W_k; W_v]`` (SVD or
     activation-aware)."""
@@ -198,7 +177,11 @@ class MlaBuilder(AttentionBuilder):
         Kwarg("init", str, default="activation", choices=INITS, build=False,
               help="factorisation: 'activation' (PCA of real K/V activations on the conversion's calibration "
                    "audio), 'svd' (of the weights alone), 'attention' (errors of the scores q.k and of W_o v, "
-                   "K/V balanced) or 'scores' (score error under the query covariance, V plain, no balancing)"),
+                   "K/V balanced), 'scores' (score error under the query covariance, V plain, no balancing) or "
+                   "'output' ('scores' with V's weight chosen per slot by the attention-output error)"),
+        Kwarg("v_weight", float, default=None, build=False,
+              help="init='output': V's weight against the score-weighted K; chosen per slot on calibration data "
+                   "(and recorded) when unset", check=lambda v: None if v > 0 else "must be > 0"),
         Kwarg("refit", bool, default=False, build=False,
               help="least-squares refit of k_up, v_up and V's bias on the calibration inputs after the basis"),
         Kwarg("budget", float, default=None, build=False,
@@ -223,6 +206,9 @@ class MlaBuilder(AttentionBuilder):
         if kwargs.get("latent_from") is not None and not slot.is_cross:
             raise KwargError(f"attention 'mla' at slot {slot.name}: kwarg 'latent_from' applies to cross-attention "
                              "slots only (set by share_cross=true)")
+        if kwargs.get("v_weight") is not None and kwargs["init"] != "output":
+            raise KwargError(f"attention 'mla' at slot {slot.name}: kwarg 'v_weight' applies to init='output' only "
+                             f"(init is '{kwargs['init']}')")
         rank = kwargs["rank"]
         if rank is None:
             if kwargs.get("budget") is None:
@@ -259,12 +245,15 @@ class MlaBuilder(AttentionBuilder):
                                  "(mla-registry convert), not slot by slot")
             up = None
         else:
-            up, down = _spectrum(original, slot, context, kwargs["init"]).factors(w, kwargs["rank"])
-        if up is None or kwargs["init"] in ("attention", "scores") or kwargs["refit"]:
+            v_weight = kwargs.get("v_weight")
+            if kwargs["init"] == "output" and v_weight is None:
+                v_weight = _choose_v_weight(original, slot, context, kwargs["rank"])
+            up, down = _spectrum(original, slot, context, kwargs["init"], v_weight).factors(w, kwargs["rank"])
+        if up is None or kwargs["init"] in ("attention", "scores", "output") or kwargs["refit"]:
             if context is None:
                 raise KwargError(f"attention 'mla' at slot {slot.name}: kwarg 'refit' needs calibration audio "
                                  "(a conversion context)")
-            up, bias = cm.refit_up(w, bias, down, _stats(context.calibration_inputs(slot)))
+            up, bias = cm.refit_up(w, bias, down, cm.stats_of(context.calibration_inputs(slot)))
         state = {k: v.detach().cpu() for k, v in original.state_dict().items() if k.startswith(("q_proj.",
                                                                                              "out_proj."))}
         state["kv_down.weight"] = down
@@ -290,7 +279,6 @@ class MlaBuilder(AttentionBuilder):
             state["v_proj.bias"] = module.v_up.bias.detach().clone()
         return state
 
-
     def __init__(self) -> None:
         self._shared: dict[tuple[str, int], torch.Tensor] = {}  # planned shared kv_down, by (slot path, context)
 
@@ -306,12 +294,19 @@ class MlaBuilder(AttentionBuilder):
         if kwargs["share_cross"]:
             if not shared:
                 raise KwargError("attention 'mla': share_cross=true but the spec selects no cross-attention slot")
+            if kwargs["init"] == "output":
+                raise KwargError("attention 'mla': init='output' chooses V's weight per slot, and share_cross=true "
+                                 "factorises the cross slots together; use init='scores' for the shared latent")
             if kwargs.get("budget") is not None and kwargs["budget_scope"] == "all":
                 raise KwargError("attention 'mla': share_cross=true gives the cross slots one latent; use "
                                  "budget_scope='kind' (the self slots then meet the budget on their own)")
         rest = [s for s in slots if s not in shared]
         if kwargs.get("budget") is None:
             out = super().plan(rest, kwargs, context)
+            if kwargs["init"] == "output" and kwargs.get("v_weight") is None:
+                for slot in rest:
+                    out[slot.path]["v_weight"] = _choose_v_weight(_original(context, slot), slot, context,
+                                                                  kwargs["rank"])
         else:
             out = self._budget_ranks(rest, kwargs, context)
         if shared:
@@ -325,9 +320,15 @@ class MlaBuilder(AttentionBuilder):
             scopes.setdefault(slot.kind if kwargs["budget_scope"] == "kind" else "all", []).append(slot)
         out = {}
         for members in scopes.values():
-            energies = [_spectrum(_original(context, s), s, context, kwargs["init"]).energy for s in members]
-            for slot, rank in zip(members, cm.allocate_ranks(energies, _budget_total(members, kwargs["budget"]))):
-                out[slot.path] = {**kwargs, "rank": rank}
+            total = _budget_total(members, kwargs["budget"])
+            v_weights = [kwargs.get("v_weight")] * len(members)
+            if kwargs["init"] == "output" and kwargs.get("v_weight") is None:  # chosen at the budget's mean rank
+                v_weights = [_choose_v_weight(_original(context, s), s, context, max(1, total // len(members)))
+                             for s in members]
+            energies = [_spectrum(_original(context, s), s, context, kwargs["init"], v).energy
+                        for s, v in zip(members, v_weights)]
+            for slot, rank, v in zip(members, cm.allocate_ranks(energies, total), v_weights):
+                out[slot.path] = {**kwargs, "rank": rank, **({} if v is None else {"v_weight": v})}
         return out
 
     def _share(self, slots: list[Slot], kwargs: Mapping[str, Any], context: ConversionContext | None
@@ -363,25 +364,8 @@ def _budget_total(slots: list[Slot], budget: float) -> int:
     return round(total)
 
 
-_STATS: dict[int, tuple[Any, cm.InputStats]] = {}
-
-
-def _stats(x: torch.Tensor) -> cm.InputStats:
-    """:class:`~mla_registry.conversion_math.InputStats` of ``x``, computed once per tensor (the cross slots share
-    one encoder output); entries die with their tensor."""
-    import weakref
-
-    hit = _STATS.get(id(x))
-    if hit is not None and hit[0]() is x:
-        return hit[1]
-    stats = cm.InputStats.of(x)
-    key = id(x)
-    _STATS[key] = (weakref.ref(x, lambda _ref: _STATS.pop(key, None)), stats)
-    return stats
-
-
-def _objective(original: nn.Module, slot: Slot, context: ConversionContext | None, init: str
-               ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+def _objective(original: nn.Module, slot: Slot, context: ConversionContext | None, init: str,
+               v_weight: float | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """``init``'s problem for one slot, as :func:`mla_registry.conversion_math.spectrum` takes it: ``(W, input
     Gram or None, output weight G or None)`` (see the module docstring)."""
     w = torch.cat([original.k_proj.weight, original.v_proj.weight]).detach()
@@ -390,19 +374,49 @@ def _objective(original: nn.Module, slot: Slot, context: ConversionContext | Non
     if context is None:
         raise KwargError(f"attention 'mla' at slot {slot.name}: kwarg 'init'='{init}' needs calibration audio "
                          "(a conversion context); use init='svd' without one")
-    stats = _stats(context.calibration_inputs(slot))
+    stats = cm.stats_of(context.calibration_inputs(slot))
     if init == "activation":
         return w, stats.gram, None
     options = {} if init == "attention" else {"centre_queries": True, "weight_values": False, "balance": False}
     g = cm.attention_weight(w, stats, original.q_proj.weight.detach(), _detached(original.q_proj.bias),
-                            _stats(context.query_inputs(slot)), original.out_proj.weight.detach(), slot.num_heads,
+                            cm.stats_of(context.query_inputs(slot)), original.out_proj.weight.detach(), slot.num_heads,
                             **options)
+    if init == "output":
+        d = slot.embed_dim
+        g[d:, d:] *= 1.0 if v_weight is None else v_weight
     return w, stats.centred(), g
 
 
-def _spectrum(original: nn.Module, slot: Slot, context: ConversionContext | None, init: str) -> cm.Spectrum:
+def _spectrum(original: nn.Module, slot: Slot, context: ConversionContext | None, init: str,
+              v_weight: float | None = None) -> cm.Spectrum:
     """Every rank's factorisation of ``[W_k; W_v]`` under ``init``'s objective."""
-    return cm.spectrum(*_objective(original, slot, context, init))
+    return cm.spectrum(*_objective(original, slot, context, init, v_weight))
+
+
+def _choose_v_weight(original: nn.Module, slot: Slot, context: ConversionContext | None, rank: int) -> float:
+    """``init="output"``: the factor of :data:`V_WEIGHTS` whose rank-``rank`` factorisation (least-squares
+    up-projections, as :meth:`MlaBuilder.convert` makes them) errs least on the slot's attention output over
+    the calibration probe (:func:`mla_registry.head_grouping.output_error`); ties go to the smaller factor."""
+    if context is None:
+        raise KwargError(f"attention 'mla' at slot {slot.name}: kwarg 'init'='output' needs calibration audio (a "
+                         "conversion context)")
+    inputs = context.calibration_inputs(slot)
+    probe = hg.Probe.of(context.query_inputs(slot), inputs, slot.is_cross,
+                        frames=getattr(slot.config, "max_source_positions", 1500))
+    heads = hg.HeadWeights.of(original, slot.num_heads)
+    groups = hg.contiguous(slot.num_heads, slot.num_heads)
+    w = torch.cat([original.k_proj.weight, original.v_proj.weight]).detach().double().cpu()
+    bias = None if original.v_proj.bias is None else original.v_proj.bias.detach().double().cpu()
+    stats, d = cm.stats_of(inputs), slot.embed_dim
+
+    def factorised(v_weight: float) -> hg.Conversion:
+        _, down = _spectrum(original, slot, context, "output", v_weight).factors(w, rank)
+        up, b = cm.refit_up(w, bias, down, stats)
+        kv = up @ down
+        return lambda weights, _groups: (weights, kv[:d], kv[d:], b)
+
+    errors = [hg.output_error(heads, groups, probe, factorised(v)) for v in V_WEIGHTS]
+    return V_WEIGHTS[min(range(len(V_WEIGHTS)), key=lambda i: (errors[i], i))]
 
 
 def _detached(t: torch.Tensor | None) -> torch.Tensor | None:

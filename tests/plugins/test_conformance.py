@@ -11,13 +11,17 @@ from mla_registry.testing import conformance_test
 test_mha = conformance_test(MhaBuilder(), [{}])
 test_gqa = conformance_test(GqaBuilder(), [{"kv_heads": 1}, {"kv_heads": 2},
                                            {"kv_heads": 2, "grouping": "search", "align": True},
-                                           {"kv_heads": 1, "align": True}])
+                                           {"kv_heads": 1, "align": True},
+                                           {"kv_heads": 2, "pool": "fit", "grouping": "search"},
+                                           {"kv_heads": 1, "pool": "fit"}])
 test_mla = conformance_test(MlaBuilder(), [{"rank": 16, "init": "svd"}, {"rank": 16, "init": "activation"},
                                            {"rank": 24, "init": "svd", "absorb": False},
                                            {"rank": 16, "init": "attention"}, {"rank": 16, "init": "scores"},
-                                           {"rank": 16, "init": "activation", "refit": True}])
+                                           {"rank": 16, "init": "activation", "refit": True},
+                                           {"rank": 16, "init": "output"}])
 test_mla_decoder_only = conformance_test(MlaBuilder(), [{"rank": 16, "init": "activation"}],
                                          kinds=("decoder.self", "decoder.cross"), checks=("roundtrip", "cache"))
 test_mla_budget = conformance_test(MlaBuilder(), [{"budget": 0.25, "init": "attention"},
-                                                 {"budget": 0.125, "init": "scores", "share_cross": True}],
+                                                 {"budget": 0.125, "init": "scores", "share_cross": True},
+                                                 {"budget": 0.125, "init": "output"}],
                                    kinds=("decoder.self", "decoder.cross"), checks=("roundtrip", "cache", "backward"))

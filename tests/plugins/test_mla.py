@@ -8,7 +8,7 @@ import torch
 
 from mla_registry import whisper
 from mla_registry.errors import KwargError
-from mla_registry.plugins.mla import MlaBuilder, MultiHeadLatentAttention
+from mla_registry.plugins.mla import V_WEIGHTS, MlaBuilder, MultiHeadLatentAttention
 
 RANK = 16
 
@@ -174,6 +174,47 @@ def test_attention_init_is_best_on_its_own_objective(stock, fresh, context, h):
                                 old.q_proj.bias.detach(), cm.InputStats.of(context.query_inputs(slot)),
                                 old.out_proj.weight.detach(), slot.num_heads)
         assert kv_error(stock, att, context, slot, g) < kv_error(stock, act, context, slot, g), slot.name
+
+
+def output_error(stock, model, context, slot) -> float:
+    """Relative attention-output error of the converted slot against the original on the calibration probe."""
+    from mla_registry import head_grouping as hg
+
+    old, new = stock.get_submodule(slot.path), model.get_submodule(slot.path)
+    d = slot.embed_dim
+    kv = torch.cat([new.k_up.weight, new.v_up.weight]).detach().double() @ new.kv_down.weight.detach().double()
+    probe = hg.Probe.of(context.query_inputs(slot), context.calibration_inputs(slot), slot.is_cross)
+    return hg.output_error(hg.HeadWeights.of(old, slot.num_heads), hg.contiguous(slot.num_heads, slot.num_heads),
+                           probe, lambda w, _g: (w, kv[:d], kv[d:], new.v_up.bias.detach().double()))
+
+
+def test_output_init_errs_no_more_than_scores_on_the_attention_output(stock, fresh, context, h):
+    from mla_registry import lineage
+
+    out, scores = mla(fresh, h, context, init="output"), mla(fresh, h, context, init="scores")
+    weights = {r.path: r.convert_kwargs["v_weight"] for r in lineage.of(out).slots}
+    assert set(weights.values()) <= set(V_WEIGHTS)
+    for slot in whisper.slots(stock):
+        err_out, err_scores = output_error(stock, out, context, slot), output_error(stock, scores, context, slot)
+        assert err_out <= err_scores * (1 + 1e-6), slot.name
+        if weights[slot.path] != 1.0:  # another weight was chosen because it errs less
+            assert err_out < err_scores, slot.name
+    # the recorded weight reproduces the conversion: v_weight given explicitly converts to the same module
+    slot = whisper.slots(stock)[0]
+    again = mla(fresh, h, context, init="output", v_weight=weights[slot.path])
+    torch.testing.assert_close(again.get_submodule(slot.path).kv_down.weight,
+                               out.get_submodule(slot.path).kv_down.weight)
+
+
+def test_v_weight_errors(stock, fresh, context, h):
+    builder, slot = MlaBuilder(), whisper.slots(stock)[0]
+    with pytest.raises(KwargError, match="'v_weight' applies to init='output' only"):
+        builder.check_slot(slot, builder.validate({"rank": 8, "init": "scores", "v_weight": 2.0}))
+    with pytest.raises(KwargError, match="'v_weight'.*must be > 0"):
+        builder.validate({"rank": 8, "init": "output", "v_weight": 0.0})
+    with pytest.raises(KwargError, match="init='output' chooses V's weight per slot"):
+        h.swap(fresh(), MlaBuilder(), kinds=("decoder.cross",), context=context, rank=32, init="output",
+               share_cross=True)
 
 
 @pytest.mark.parametrize("budget,scope", [(0.25, "kind"), (0.125, "kind"), (0.25, "all")])
