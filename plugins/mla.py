@@ -21,7 +21,8 @@ at their natural scale (measured better than ``attention`` on whisper-tiny.en's 
 ``V_WEIGHTS`` by the error of the attention *output* (softmax and ``W_o`` included) of the factorised slot on
 the calibration audio, at its rank: how the rank splits between K and V is then decided by what the output
 loses, not by the two blocks' scales (``v_weight=1`` is ``scores``, so it errs no more than it on that probe).
-The chosen factor is recorded per slot.
+The chosen factor is recorded per slot; with ``share_cross`` one factor serves the shared latent, chosen by
+the cross slots' summed output error.
 ``refit=true`` re-solves ``k_up``, ``v_up`` and V's bias by least squares on the calibration inputs for the
 chosen ``kv_down`` (SVD-LLM's update; the attention init is already its own least-squares solution).
 ``rank == embed_dim`` reproduces the original exactly.
@@ -52,7 +53,7 @@ encoder, teacher-forced loss) re-expand K/V and run ordinary attention.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -294,9 +295,6 @@ class MlaBuilder(AttentionBuilder):
         if kwargs["share_cross"]:
             if not shared:
                 raise KwargError("attention 'mla': share_cross=true but the spec selects no cross-attention slot")
-            if kwargs["init"] == "output":
-                raise KwargError("attention 'mla': init='output' chooses V's weight per slot, and share_cross=true "
-                                 "factorises the cross slots together; use init='scores' for the shared latent")
             if kwargs.get("budget") is not None and kwargs["budget_scope"] == "all":
                 raise KwargError("attention 'mla': share_cross=true gives the cross slots one latent; use "
                                  "budget_scope='kind' (the self slots then meet the budget on their own)")
@@ -305,8 +303,8 @@ class MlaBuilder(AttentionBuilder):
             out = super().plan(rest, kwargs, context)
             if kwargs["init"] == "output" and kwargs.get("v_weight") is None:
                 for slot in rest:
-                    out[slot.path]["v_weight"] = _choose_v_weight(_original(context, slot), slot, context,
-                                                                  kwargs["rank"])
+                    out[slot.path]["v_weight"] = _choose_v_weight([slot], context, _own_down(slot, context,
+                                                                                             kwargs["rank"]))
         else:
             out = self._budget_ranks(rest, kwargs, context)
         if shared:
@@ -323,7 +321,7 @@ class MlaBuilder(AttentionBuilder):
             total = _budget_total(members, kwargs["budget"])
             v_weights = [kwargs.get("v_weight")] * len(members)
             if kwargs["init"] == "output" and kwargs.get("v_weight") is None:  # chosen at the budget's mean rank
-                v_weights = [_choose_v_weight(_original(context, s), s, context, max(1, total // len(members)))
+                v_weights = [_choose_v_weight([s], context, _own_down(s, context, max(1, total // len(members))))
                              for s in members]
             energies = [_spectrum(_original(context, s), s, context, kwargs["init"], v).energy
                         for s, v in zip(members, v_weights)]
@@ -337,14 +335,22 @@ class MlaBuilder(AttentionBuilder):
         ``embed_dim``) and ``kv_down`` from one SVD of the stacked objectives."""
         d = slots[0].embed_dim
         rank = kwargs["rank"] if kwargs.get("budget") is None else min(d, _budget_total(slots, kwargs["budget"]))
-        problems = [_objective(_original(context, s), s, context, kwargs["init"]) for s in slots]
-        w = torch.cat([p[0] for p in problems])
-        g = None if problems[0][2] is None else torch.block_diag(*[p[2] for p in problems])
-        _, down = cm.spectrum(w, problems[0][1], g).factors(w, rank)
+
+        def shared_down(v_weight: float | None) -> list[torch.Tensor]:
+            problems = [_objective(_original(context, s), s, context, kwargs["init"], v_weight) for s in slots]
+            w = torch.cat([p[0] for p in problems])
+            g = None if problems[0][2] is None else torch.block_diag(*[p[2] for p in problems])
+            return [cm.spectrum(w, problems[0][1], g).factors(w, rank)[1]] * len(slots)
+
+        v_weight = kwargs.get("v_weight")
+        if kwargs["init"] == "output" and v_weight is None:
+            v_weight = _choose_v_weight(slots, context, shared_down)
+        down = shared_down(v_weight)[0]
         owner = min(s.layer_idx for s in slots)
         for s in slots:
             self._shared[(s.path, id(context))] = down
-        return {s.path: {**kwargs, "rank": rank, "latent_from": owner} for s in slots}
+        extra = {} if v_weight is None else {"v_weight": v_weight}
+        return {s.path: {**kwargs, "rank": rank, "latent_from": owner, **extra} for s in slots}
 
 
 def _original(context: ConversionContext | None, slot: Slot) -> nn.Module:
@@ -393,29 +399,46 @@ def _spectrum(original: nn.Module, slot: Slot, context: ConversionContext | None
     return cm.spectrum(*_objective(original, slot, context, init, v_weight))
 
 
-def _choose_v_weight(original: nn.Module, slot: Slot, context: ConversionContext | None, rank: int) -> float:
-    """``init="output"``: the factor of :data:`V_WEIGHTS` whose rank-``rank`` factorisation (least-squares
-    up-projections, as :meth:`MlaBuilder.convert` makes them) errs least on the slot's attention output over
-    the calibration probe (:func:`mla_registry.head_grouping.output_error`); ties go to the smaller factor."""
+def _own_down(slot: Slot, context: ConversionContext | None, rank: int
+              ) -> Callable[[float], list[torch.Tensor]]:
+    """For :func:`_choose_v_weight`: the slot's own rank-``rank`` ``kv_down`` under ``init="output"`` with a
+    given V weight."""
+    def down(v_weight: float) -> list[torch.Tensor]:
+        original = _original(context, slot)
+        w = torch.cat([original.k_proj.weight, original.v_proj.weight]).detach()
+        return [_spectrum(original, slot, context, "output", v_weight).factors(w, rank)[1]]
+    return down
+
+
+def _choose_v_weight(slots: list[Slot], context: ConversionContext | None,
+                     downs: Callable[[float], list[torch.Tensor]]) -> float:
+    """``init="output"``: the factor of :data:`V_WEIGHTS` whose factorisation (``downs(v)``: each slot's
+    ``kv_down``, one shared by all with ``share_cross``; up-projections by least squares, as
+    :meth:`MlaBuilder.convert` makes them) errs least on the slots' attention outputs over the calibration
+    probe (:func:`mla_registry.head_grouping.output_error`, summed over the slots); ties go to the smaller
+    factor."""
     if context is None:
-        raise KwargError(f"attention 'mla' at slot {slot.name}: kwarg 'init'='output' needs calibration audio (a "
-                         "conversion context)")
-    inputs = context.calibration_inputs(slot)
-    probe = hg.Probe.of(context.query_inputs(slot), inputs, slot.is_cross,
-                        frames=getattr(slot.config, "max_source_positions", 1500))
-    heads = hg.HeadWeights.of(original, slot.num_heads)
-    groups = hg.contiguous(slot.num_heads, slot.num_heads)
-    w = torch.cat([original.k_proj.weight, original.v_proj.weight]).detach().double().cpu()
-    bias = None if original.v_proj.bias is None else original.v_proj.bias.detach().double().cpu()
-    stats, d = cm.stats_of(inputs), slot.embed_dim
+        raise KwargError(f"attention 'mla' at slot {slots[0].name}: kwarg 'init'='output' needs calibration audio "
+                         "(a conversion context)")
+    probes = []
+    for slot in slots:
+        original, inputs = _original(context, slot), context.calibration_inputs(slot)
+        probe = hg.Probe.of(context.query_inputs(slot), inputs, slot.is_cross,
+                            frames=getattr(slot.config, "max_source_positions", 1500))
+        w = torch.cat([original.k_proj.weight, original.v_proj.weight]).detach().double().cpu()
+        bias = None if original.v_proj.bias is None else original.v_proj.bias.detach().double().cpu()
+        probes.append((hg.HeadWeights.of(original, slot.num_heads), probe, w, bias, cm.stats_of(inputs)))
 
-    def factorised(v_weight: float) -> hg.Conversion:
-        _, down = _spectrum(original, slot, context, "output", v_weight).factors(w, rank)
-        up, b = cm.refit_up(w, bias, down, stats)
-        kv = up @ down
-        return lambda weights, _groups: (weights, kv[:d], kv[d:], b)
+    def error(v_weight: float) -> float:
+        total = 0.0
+        for (heads, probe, w, bias, stats), down in zip(probes, downs(v_weight)):
+            up, b = cm.refit_up(w, bias, down, stats)
+            kv, d = up @ down.double(), w.shape[1]
+            total += hg.output_error(heads, hg.contiguous(heads.num_heads, heads.num_heads), probe,
+                                     lambda weights, _groups, kv=kv, b=b, d=d: (weights, kv[:d], kv[d:], b))
+        return total
 
-    errors = [hg.output_error(heads, groups, probe, factorised(v)) for v in V_WEIGHTS]
+    errors = [error(v) for v in V_WEIGHTS]
     return V_WEIGHTS[min(range(len(V_WEIGHTS)), key=lambda i: (errors[i], i))]
 
 

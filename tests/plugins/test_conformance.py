@@ -23,5 +23,6 @@ test_mla_decoder_only = conformance_test(MlaBuilder(), [{"rank": 16, "init": "ac
                                          kinds=("decoder.self", "decoder.cross"), checks=("roundtrip", "cache"))
 test_mla_budget = conformance_test(MlaBuilder(), [{"budget": 0.25, "init": "attention"},
                                                  {"budget": 0.125, "init": "scores", "share_cross": True},
-                                                 {"budget": 0.125, "init": "output"}],
+                                                 {"budget": 0.125, "init": "output"},
+                                                 {"budget": 0.125, "init": "output", "share_cross": True}],
                                    kinds=("decoder.self", "decoder.cross"), checks=("roundtrip", "cache", "backward"))

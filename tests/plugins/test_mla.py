@@ -212,9 +212,6 @@ def test_v_weight_errors(stock, fresh, context, h):
         builder.check_slot(slot, builder.validate({"rank": 8, "init": "scores", "v_weight": 2.0}))
     with pytest.raises(KwargError, match="'v_weight'.*must be > 0"):
         builder.validate({"rank": 8, "init": "output", "v_weight": 0.0})
-    with pytest.raises(KwargError, match="init='output' chooses V's weight per slot"):
-        h.swap(fresh(), MlaBuilder(), kinds=("decoder.cross",), context=context, rank=32, init="output",
-               share_cross=True)
 
 
 @pytest.mark.parametrize("budget,scope", [(0.25, "kind"), (0.125, "kind"), (0.25, "all")])
@@ -300,6 +297,25 @@ def test_shared_latent_is_fixed_and_the_budget_gives_it_its_share(stock, fresh, 
     assert not any(n.endswith("encoder_attn.kv_down.weight") for n in names)
     assert any(n.endswith("encoder_attn.k_up.weight") for n in names)
     assert any(n.endswith("self_attn.kv_down.weight") for n in names)
+
+
+def test_shared_latent_with_output_init_records_one_weight_and_errs_no_more_than_scores(stock, fresh, context, h):
+    """share_cross with init='output': one V weight for the shared latent (recorded on every cross slot), chosen
+    by the cross slots' summed attention-output error, which is then no larger than that of init='scores'."""
+    from mla_registry import lineage
+
+    out = h.swap(fresh(), MlaBuilder(), kinds=("decoder.cross",), context=context, rank=RANK, init="output",
+                 share_cross=True)
+    scores = h.swap(fresh(), MlaBuilder(), kinds=("decoder.cross",), context=context, rank=RANK, init="scores",
+                    share_cross=True)
+    weights = {r.convert_kwargs["v_weight"] for r in lineage.of(out).slots if r.kind == "decoder.cross"}
+    assert len(weights) == 1 and weights <= set(V_WEIGHTS)
+    cross = [s for s in whisper.slots(stock) if s.is_cross]
+    err_out = sum(output_error(stock, out, context, s) for s in cross)
+    err_scores = sum(output_error(stock, scores, context, s) for s in cross)
+    assert err_out <= err_scores * (1 + 1e-6)
+    if weights != {1.0}:
+        assert err_out < err_scores
 
 
 def test_shared_latent_errors(stock, fresh, context, h):
