@@ -74,6 +74,26 @@ def encode(model, feats: torch.Tensor) -> torch.Tensor:
                       for i in range(0, feats.shape[0], CPU_ENCODER_SLICE)])
 
 
+def decoder_hidden(decoder: nn.Module, input_ids: torch.Tensor, positions: torch.Tensor,
+                   encoder_hidden_states: torch.Tensor | None, cache, cache_kwarg: str) -> torch.Tensor:
+    """The decoder's output ``[B, q, d]`` (after its final layer norm) for ``input_ids [B, q]`` at ``positions
+    [q]``, through its own layers and attention modules with ``cache`` (passed to the layers as ``cache_kwarg``,
+    the host's name for it) and no attention mask: the host decoder's arithmetic without its per-call
+    bookkeeping (mask construction, output capture), which the ONNX export's graphs need to trace one step. The
+    modules apply causality themselves, so ``q > 1`` is only for a call without a cached prefix.
+    ``encoder_hidden_states=None`` says the cross cache is filled: each layer then gets its own input in its
+    place (a layer skips cross-attention when it gets None; the filled cache never reads it). The greedy loop
+    keeps the host's forward: calling the layers directly measured 1.01x per step at batch 1 and 16 (2 CPU
+    cores, interleaved), within noise."""
+    hidden = decoder.embed_tokens(input_ids) + decoder.embed_positions.weight[positions]
+    for layer in decoder.layers:
+        states = hidden if encoder_hidden_states is None else encoder_hidden_states
+        out = layer(hidden, attention_mask=None, encoder_hidden_states=states, use_cache=True,
+                    **{cache_kwarg: cache})
+        hidden = out[0] if isinstance(out, tuple) else out
+    return decoder.layer_norm(hidden)
+
+
 TASKS = ("transcribe", "translate")
 
 

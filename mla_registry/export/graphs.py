@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import DynamicCache, DynamicLayer, EncoderDecoderCache
 
+from .. import whisper
 from ..attention import host_cache_kwarg
 
 
@@ -185,15 +186,8 @@ class DecoderStepGraph(nn.Module):
         self_pairs = _split(list(cache[:n_self]), lay.self_keys, lay.self_values)
         cross_pairs = _split(list(cache[n_self:]), lay.cross_keys, lay.cross_values)
         kv = make_cache(self_pairs, cross_pairs)
-        dec = self.decoder
-        hidden = dec.embed_tokens(input_ids) + dec.embed_positions.weight[position].unsqueeze(0)
-        for layer in dec.layers:
-            # the encoder states are not read (the cross cache is filled) but must not be None: the layer skips
-            # cross-attention without them
-            out = layer(hidden, attention_mask=None, encoder_hidden_states=hidden, use_cache=True,
-                        **{host_cache_kwarg(): kv})
-            hidden = out[0] if isinstance(out, tuple) else out
-        logits = self.proj_out(dec.layer_norm(hidden))[:, -1]
+        hidden = whisper.decoder_hidden(self.decoder, input_ids, position, None, kv, host_cache_kwarg())
+        logits = self.proj_out(hidden)[:, -1]
         new_self = [(layer.keys, layer.values) for layer in kv.self_attention_cache.layers]
         return (logits, *_join(new_self, lay.self_keys, lay.self_values))
 
@@ -204,13 +198,8 @@ def learn_layout(model: nn.Module, encoder_hidden_states: torch.Tensor, start_to
     cross = CrossCacheGraph(model).pairs(encoder_hidden_states)
     n = len(cross)
     kv = make_cache([None] * n, cross)
-    dec = model.model.decoder
     ids = torch.full((encoder_hidden_states.shape[0], 1), start_token, dtype=torch.long)
-    hidden = dec.embed_tokens(ids) + dec.embed_positions.weight[:1].unsqueeze(0)
-    for layer in dec.layers:
-        out = layer(hidden, attention_mask=None, encoder_hidden_states=hidden, use_cache=True,
-                    **{host_cache_kwarg(): kv})
-        hidden = out[0] if isinstance(out, tuple) else out
+    whisper.decoder_hidden(model.model.decoder, ids, torch.zeros(1, dtype=torch.long), None, kv, host_cache_kwarg())
     selfs = [(la.keys, la.values) for la in kv.self_attention_cache.layers]
 
     def entries(which, pairs):
