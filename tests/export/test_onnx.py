@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from mla_registry import kvcache, model_refs
@@ -58,6 +59,20 @@ def test_onnx_runtime_tokens_and_cache(ckpt_tokens, onnx_exports, real_clips, na
     assert runtime.last_cache.cross_per_frame == declared_cross
     stock_cross = 2 * 384 * 4 * 4  # K and V of every head, 4 layers, float32
     assert declared_cross < stock_cross
+
+
+def test_encode_in_slices_equals_the_whole_batch(onnx_exports, real_clips):
+    """On CPU OrtWhisper.encode runs the encoder graph CPU_ENCODER_SLICE rows at a time (memory: the arena held
+    a whole batch's attention scores); each row is encoded on its own, so the output is the whole batch's."""
+    from mla_registry.whisper import CPU_ENCODER_SLICE
+
+    runtime = OrtWhisper(onnx_exports["gqa"], threads=1)
+    feats = real_clips[1][:3].numpy()  # 3 rows: a slice of 2 and a slice of 1
+    assert len(feats) > CPU_ENCODER_SLICE
+    whole = runtime.sessions["encoder"].run(None, {"input_features": feats})[0]
+    sliced = runtime.encode(feats)
+    assert sliced.shape == whole.shape
+    np.testing.assert_allclose(sliced, whole, rtol=0, atol=1e-5)
 
 
 def test_onnx_backend_evaluates_like_pytorch(export_ckpts, onnx_exports, real_clips):
