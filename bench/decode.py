@@ -60,8 +60,13 @@ import ort  # noqa: E402
 DEFAULT_VARIANTS: dict[str, dict[str, Any]] = {
     "stock": {"specs": []},
     "mha": {"specs": ["decoder.*=mha"]},
-    "gqa2": {"specs": ["decoder.*=gqa:kv_heads=2"]},
+    # fitted shared heads: the same module and arithmetic as mean pooling, but a model that still transcribes, so
+    # its end-to-end rows decode real lengths (mean-pooled GQA-2 stopped after 2 tokens per clip)
+    "gqa2": {"specs": ["decoder.*=gqa:kv_heads=2,pool=fit"]},
     "mla192": {"specs": ["decoder.*=mla:rank=192"]},
+    # the best 1/8 of the cache (README, "One latent for every cross-attention layer"): self rank 96, the four
+    # cross layers reading one shared latent of 384
+    "mla-shared8": {"specs": ["decoder.self=mla:rank=96,init=scores", "decoder.cross=mla:rank=384,share_cross=true"]},
     # re-expanding K/V over 1500 frames every step costs ~28 GFLOP per step at batch 16 (318 ms/step through
     # generate in the last run): the loop only, no batch 64, no end-to-end row
     "mla192-expand": {"specs": ["decoder.*=mla:rank=192,absorb=false"], "batch_sizes": [1, 16],
