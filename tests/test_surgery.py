@@ -63,8 +63,8 @@ def test_replace_slots_records_per_slot_and_owns_device_dtype_and_mode(tiny_mode
     module = model.get_submodule(records[0].path)
     assert next(module.parameters()).dtype == torch.float64 and module.training
     assert records[0].kwargs == {"rank": 8, "absorb": True, "latent_from": None}
-    assert records[0].convert_kwargs == {"init": "svd", "refit": False, "budget": None, "budget_scope": "kind",
-                                         "share_cross": False}
+    assert records[0].convert_kwargs == {"init": "svd", "v_weight": None, "refit": False, "budget": None,
+                                         "budget_scope": "kind", "share_cross": False}
 
 
 def test_a_builder_may_decide_per_slot_kwargs(tiny_model, monkeypatch):
