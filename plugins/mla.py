@@ -248,7 +248,7 @@ class MlaBuilder(AttentionBuilder):
         else:
             v_weight = kwargs.get("v_weight")
             if kwargs["init"] == "output" and v_weight is None:
-                v_weight = _choose_v_weight(original, slot, context, kwargs["rank"])
+                v_weight = _choose_v_weight([slot], context, _own_down(slot, context, kwargs["rank"]))
             up, down = _spectrum(original, slot, context, kwargs["init"], v_weight).factors(w, kwargs["rank"])
         if up is None or kwargs["init"] in ("attention", "scores", "output") or kwargs["refit"]:
             if context is None:

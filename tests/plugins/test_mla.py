@@ -206,6 +206,20 @@ def test_output_init_errs_no_more_than_scores_on_the_attention_output(stock, fre
                                out.get_submodule(slot.path).kv_down.weight)
 
 
+def test_output_init_converts_slot_by_slot_as_surgery_does(stock, fresh, context, h):
+    """The builder contract's convert() without plan(): init='output' chooses the slot's V weight itself, the
+    same one plan() records, so the module equals the one surgery builds."""
+    from mla_registry import lineage
+
+    builder, slot = MlaBuilder(), whisper.slots(stock)[0]
+    kwargs = builder.validate({"rank": RANK, "init": "output"})
+    alone = builder.convert(stock.get_submodule(slot.path), slot, context, **kwargs)
+    planned = mla(fresh, h, context, init="output")
+    record = next(r for r in lineage.of(planned).slots if r.path == slot.path)
+    assert record.convert_kwargs["v_weight"] in V_WEIGHTS
+    torch.testing.assert_close(alone.kv_down.weight, planned.get_submodule(slot.path).kv_down.weight)
+
+
 def test_v_weight_errors(stock, fresh, context, h):
     builder, slot = MlaBuilder(), whisper.slots(stock)[0]
     with pytest.raises(KwargError, match="'v_weight' applies to init='output' only"):
