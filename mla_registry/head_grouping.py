@@ -252,12 +252,18 @@ def _output(w: HeadWeights, k_w: torch.Tensor, v_w: torch.Tensor, b_v: torch.Ten
     return out @ w.w_o.T + (0 if w.b_o is None else w.b_o)
 
 
+def reference_outputs(w: HeadWeights, probe: Probe) -> list[torch.Tensor]:
+    """The unconverted (MHA) attention output on each chunk of ``probe``: what :func:`output_error` compares
+    with (compute it once when comparing many conversions)."""
+    return [_output(w, w.w_k, w.w_v, w.b_v, w.num_heads, q, k, c) for q, k, c in probe.chunks]
+
+
 def output_error(w: HeadWeights, groups: Groups, probe: Probe, convert: Conversion,
                  reference: list[torch.Tensor] | None = None) -> float:
     """Squared attention-output error of the GQA conversion ``convert`` under ``groups`` against the MHA on
-    ``probe``, relative to the MHA output's squared norm."""
+    ``probe`` (``reference``: :func:`reference_outputs`), relative to the MHA output's squared norm."""
     if reference is None:
-        reference = [_output(w, w.w_k, w.w_v, w.b_v, w.num_heads, q, k, c) for q, k, c in probe.chunks]
+        reference = reference_outputs(w, probe)
     pw, k_w, v_w, b_v = convert(w, groups)
     err = sum(float((_output(pw, k_w, v_w, b_v, len(groups), q, k, c) - ref).square().sum())
               for (q, k, c), ref in zip(probe.chunks, reference))
@@ -269,7 +275,7 @@ def search(w: HeadWeights, kv_heads: int, probe: Probe, convert: Conversion) -> 
     most ``EXHAUSTIVE_LIMIT``, else greedy (groups filled one head at a time, each time with the head whose
     addition to the partial grouping, the rest contiguous, errs least). Contiguous is always a candidate, so
     the result is never worse than it on this objective."""
-    reference = [_output(w, w.w_k, w.w_v, w.b_v, w.num_heads, q, k, c) for q, k, c in probe.chunks]
+    reference = reference_outputs(w, probe)
 
     def cost(groups: Groups) -> float:
         return output_error(w, groups, probe, convert, reference)

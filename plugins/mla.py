@@ -236,7 +236,7 @@ class MlaBuilder(AttentionBuilder):
         ``v_up``."""
         module = self.build(slot, **self.build_kwargs(kwargs))
         d = slot.embed_dim
-        w = torch.cat([original.k_proj.weight, original.v_proj.weight]).detach().double().cpu()
+        w = _kv_weight(original).double().cpu()
         bias = None if original.v_proj.bias is None else original.v_proj.bias.detach().double().cpu()
         if kwargs.get("latent_from") is not None:
             down = self._shared.pop((slot.path, id(context)), None)
@@ -374,7 +374,7 @@ def _objective(original: nn.Module, slot: Slot, context: ConversionContext | Non
                v_weight: float | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """``init``'s problem for one slot, as :func:`mla_registry.conversion_math.spectrum` takes it: ``(W, input
     Gram or None, output weight G or None)`` (see the module docstring)."""
-    w = torch.cat([original.k_proj.weight, original.v_proj.weight]).detach()
+    w = _kv_weight(original)
     if init == "svd":
         return w, None, None
     if context is None:
@@ -405,7 +405,7 @@ def _own_down(slot: Slot, context: ConversionContext | None, rank: int
     given V weight."""
     def down(v_weight: float) -> list[torch.Tensor]:
         original = _original(context, slot)
-        w = torch.cat([original.k_proj.weight, original.v_proj.weight]).detach()
+        w = _kv_weight(original)
         return [_spectrum(original, slot, context, "output", v_weight).factors(w, rank)[1]]
     return down
 
@@ -425,21 +425,28 @@ def _choose_v_weight(slots: list[Slot], context: ConversionContext | None,
         original, inputs = _original(context, slot), context.calibration_inputs(slot)
         probe = hg.Probe.of(context.query_inputs(slot), inputs, slot.is_cross,
                             frames=getattr(slot.config, "max_source_positions", 1500))
-        w = torch.cat([original.k_proj.weight, original.v_proj.weight]).detach().double().cpu()
         bias = None if original.v_proj.bias is None else original.v_proj.bias.detach().double().cpu()
-        probes.append((hg.HeadWeights.of(original, slot.num_heads), probe, w, bias, cm.stats_of(inputs)))
+        heads = hg.HeadWeights.of(original, slot.num_heads)
+        probes.append((heads, probe, hg.reference_outputs(heads, probe), _kv_weight(original).double().cpu(), bias,
+                       cm.stats_of(inputs)))
 
     def error(v_weight: float) -> float:
         total = 0.0
-        for (heads, probe, w, bias, stats), down in zip(probes, downs(v_weight)):
+        for (heads, probe, reference, w, bias, stats), down in zip(probes, downs(v_weight)):
             up, b = cm.refit_up(w, bias, down, stats)
             kv, d = up @ down.double(), w.shape[1]
             total += hg.output_error(heads, hg.contiguous(heads.num_heads, heads.num_heads), probe,
-                                     lambda weights, _groups, kv=kv, b=b, d=d: (weights, kv[:d], kv[d:], b))
+                                     lambda weights, _groups, kv=kv, b=b, d=d: (weights, kv[:d], kv[d:], b),
+                                     reference)
         return total
 
     errors = [error(v) for v in V_WEIGHTS]
     return V_WEIGHTS[min(range(len(V_WEIGHTS)), key=lambda i: (errors[i], i))]
+
+
+def _kv_weight(original: nn.Module) -> torch.Tensor:
+    """The stacked ``[W_k; W_v]`` (``2d x d``) that every init factorises."""
+    return torch.cat([original.k_proj.weight, original.v_proj.weight]).detach()
 
 
 def _detached(t: torch.Tensor | None) -> torch.Tensor | None:
