@@ -60,6 +60,25 @@ def test_folded_gqa_attention_matches_repeated_kv(kv_heads, case):
     assert weights is not None
 
 
+@pytest.mark.parametrize("kv_heads,dim,uses_sdpa", [(6, 64, False), (2, 64, False), (1, 192, True)])
+def test_decode_steps_over_narrow_heads_run_as_matmuls_with_the_same_result(monkeypatch, kv_heads, dim, uses_sdpa):
+    """An unmasked decode step over many (batch x K/V head) slices of narrow heads skips SDPA (slower for it on
+    CPU) and equals the reference; MLA's wide latent keeps SDPA."""
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(8, 6, 1, dim, generator=g)
+    k, v = torch.randn(8, kv_heads, 40, dim, generator=g), torch.randn(8, kv_heads, 40, dim, generator=g)
+    calls = []
+    sdpa = nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **kw: calls.append(1) or sdpa(*a, **kw))
+    out, _ = attend(_Flags(causal=True), q, k, v, None, scale=0.25)
+    torch.testing.assert_close(out, reference(q, k, v, None, True, 0.25), atol=1e-5, rtol=1e-5)
+    assert bool(calls) == uses_sdpa
+    calls.clear()
+    attend(_Flags(causal=True), q[:1], k[:1], v[:1], None, scale=0.25)  # batch 1: too few slices, SDPA
+    assert calls
+
+
 def test_attend_bottom_right_causal_with_cached_prefix():
     """q > 1 new tokens after a cached prefix, no mask: the rows equal full causal attention's last rows."""
     class Causal(nn.Module):
