@@ -195,10 +195,11 @@ def export_variants(args, variants: list[Variant], processor, notes: list[str]) 
 
 
 def _benchmark(args, variants, base, processor, utts, steps_of, exports, notes, device, dtype) -> dict[str, Any]:
-    from mla_registry import whisper
+    from mla_registry import decoding, whisper
 
     bandwidth = measure.memory_bandwidth(device, dtype)
-    log(args, f"memory bandwidth (copy, read + write): {bandwidth / 1e9:.1f} GB/s")
+    rate = measure.matmul_rate(device, dtype)
+    log(args, f"memory bandwidth (copy, read + write): {bandwidth / 1e9:.1f} GB/s; matmul {rate / 1e9:.0f} GFLOP/s")
     results: list[dict[str, Any]] = []
     feats_by_batch: dict[int, torch.Tensor] = {}
     prompt = whisper.prompt_ids(base)
@@ -209,6 +210,8 @@ def _benchmark(args, variants, base, processor, utts, steps_of, exports, notes, 
         feats_by_batch[batch] = feats
         hidden, encoder_s = encode(base, feats, device)
         runs = [(v, d) for v in variants if v.batch_sizes is None or batch in v.batch_sizes for d in v.decoders]
+        # one step's arithmetic per variant (the same model through every decoder), counted once, untimed
+        flops = {v.name: measure.step_flops(v.model, hidden, decoding.DecoderStep(v.model)) for v, _ in runs}
         log(args, f"batch {batch}: encoder {1e3 * encoder_s:.0f} ms; {', '.join(f'{v.name}/{d}' for v, d in runs)}")
 
         def decode(v: Variant, d: str, steps: int, forced: bool, memory: bool = False,
@@ -227,7 +230,7 @@ def _benchmark(args, variants, base, processor, utts, steps_of, exports, notes, 
                  if d != ort.NAME} if args.memory else {}
         natural = {(v.name, d): decode(v, d, args.natural_max, False) for v, d in runs} if args.natural_max else {}
         for v, d in runs:
-            row = step_row(args, base, v, d, batch, forced[(v.name, d)], bandwidth, len(prompt))
+            row = step_row(args, base, v, d, batch, forced[(v.name, d)], bandwidth, len(prompt), flops[v.name], rate)
             row.update(encoder_ms=1e3 * encoder_s, peak_memory_bytes=peaks.get((v.name, d)))
             if (v.name, d) in natural:
                 n = natural[(v.name, d)]
@@ -248,7 +251,7 @@ def _benchmark(args, variants, base, processor, utts, steps_of, exports, notes, 
     e2e = end_to_end_rows(args, variants, steps_of, base, processor, utts, ct2_model, exports, device, dtype)
     add_ratios(results, e2e)
     return {
-        "machine": machine(device, bandwidth), "model": args.model, "data": args.data, "dtype": args.dtype,
+        "machine": machine(device, bandwidth, rate), "model": args.model, "data": args.data, "dtype": args.dtype,
         "steps": args.steps, "natural_max": args.natural_max, "repetitions": args.reps,
         "kv_budget_gib": args.kv_budget_gib, "compile": args.compile, "e2e_clips": args.e2e_clips,
         "results": results, "end_to_end": e2e, "notes": notes, "targets": targets(results, e2e),
@@ -269,8 +272,10 @@ def encode(model: nn.Module, feats: torch.Tensor, device: torch.device) -> tuple
 
 
 def step_row(args, base, v: Variant, decoder: str, batch: int, runs: list[dict[str, Any]], bandwidth: float,
-             prompt: int) -> dict[str, Any]:
-    """The forced-length figures of one variant and decoder at one batch size, and its bytes floor."""
+             prompt: int, flops: int, rate: float) -> dict[str, Any]:
+    """The forced-length figures of one variant and decoder at one batch size, its bytes floor (bytes a step
+    must move over the copy bandwidth), its arithmetic floor (a step's FLOPs over the large-matmul rate) and
+    the roofline (the larger of the two)."""
     first = runs[0]
     steps = first["steps"]
     seconds = measure.median([r["seconds"] for r in runs])
@@ -280,6 +285,7 @@ def step_row(args, base, v: Variant, decoder: str, batch: int, runs: list[dict[s
     self_read = first["kv_self"] * (prompt + steps / 2) / max(first["self_length"], 1)
     step_bytes = weights + first["kv_cross"] + self_read
     floor_ms = 1e3 * step_bytes / bandwidth
+    flop_floor_ms = 1e3 * flops / rate
     per_sample = (first["kv_cross"] + first["kv_self"] / max(first["self_length"], 1)
                   * base.config.max_target_positions) / batch
     return {
@@ -291,6 +297,8 @@ def step_row(args, base, v: Variant, decoder: str, batch: int, runs: list[dict[s
         "kv_cross_bytes_per_utterance": first["kv_cross"] / batch,
         "max_batch_in_budget": int(args.kv_budget_gib * 2**30 // per_sample),
         "weight_bytes": weights, "step_bytes": step_bytes, "floor_ms": floor_ms, "step_over_floor": step_ms / floor_ms,
+        "step_flops": flops, "flop_floor_ms": flop_floor_ms,
+        "step_over_roofline": step_ms / max(floor_ms, flop_floor_ms),
         "repetitions_s": [r["seconds"] for r in runs],
     }
 
@@ -384,8 +392,9 @@ def add_ratios(results: list[dict[str, Any]], e2e: list[dict[str, Any]]) -> None
         if r["decoder"] == "loop" and g is not None:
             r["loop_vs_generate"] = r["forced_tok_s"] / g["forced_tok_s"]
         if r["variant"] == ct2.NAME and s is not None:  # no cache or floor figures of its own: the stock ones
-            r["floor_ms"] = s["floor_ms"]
+            r["floor_ms"], r["flop_floor_ms"] = s["floor_ms"], s["flop_floor_ms"]
             r["step_over_floor"] = r["ms_per_step"] / r["floor_ms"]
+            r["step_over_roofline"] = r["ms_per_step"] / max(r["floor_ms"], r["flop_floor_ms"])
     ct2_e2e = {r["batch"]: r for r in e2e if r["variant"] == ct2.NAME}
     for r in e2e:
         if r["batch"] in ct2_e2e:
@@ -417,7 +426,7 @@ def targets(results: list[dict[str, Any]], e2e: list[dict[str, Any]]) -> list[di
     return out
 
 
-def machine(device: torch.device, bandwidth: float) -> dict[str, Any]:
+def machine(device: torch.device, bandwidth: float, rate: float) -> dict[str, Any]:
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -428,7 +437,7 @@ def machine(device: torch.device, bandwidth: float) -> dict[str, Any]:
         pass
     info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version(), "device": str(device),
-            "memory_bandwidth_gb_s": bandwidth / 1e9}
+            "memory_bandwidth_gb_s": bandwidth / 1e9, "matmul_gflop_s": rate / 1e9}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     try:
@@ -456,7 +465,8 @@ def step_table(report: dict[str, Any], tablefmt: str) -> str:
         rows.append([
             r["variant"], r["decoder"], r["batch"], fmt(r.get("forced_tok_s")), fmt(r.get("forced_vs_stock"), ".2f"),
             fmt(r.get("loop_vs_generate"), ".2f"), fmt(r.get("ms_per_step")), fmt(r.get("floor_ms")),
-            fmt(r.get("step_over_floor"), ".2f"), fmt(r.get("natural_tok_s")), fmt(r.get("natural_vs_stock"), ".2f"),
+            fmt(r.get("step_over_floor"), ".2f"), fmt(r.get("flop_floor_ms")), fmt(r.get("step_over_roofline"), ".2f"),
+            fmt(r.get("natural_tok_s")), fmt(r.get("natural_vs_stock"), ".2f"),
             fmt(r.get("prefill_ms")), fmt(r.get("encoder_ms"), ".0f"),
             fmt(r["kv_cache_bytes"] / 2**20) if "kv_cache_bytes" in r else "-",
             fmt(r.get("max_batch_in_budget"), "d"),
@@ -464,7 +474,8 @@ def step_table(report: dict[str, Any], tablefmt: str) -> str:
             "-" if match is None else ("yes" if match else "**no**"),
         ])
     headers = ["variant", "decoder", "batch", "forced tok/s", "× stock", "loop/gen", "ms/step", "floor ms",
-               "step/floor", "natural tok/s", "× stock (nat.)", "prefill ms", "encoder ms", "KV MiB",
+               "step/floor", "flop floor ms", "step/roofline", "natural tok/s", "× stock (nat.)", "prefill ms",
+               "encoder ms", "KV MiB",
                f"max batch in {fmt(report['kv_budget_gib'], 'g')} GiB KV", "peak MiB", "= generate"]
     return tabulate(rows, headers=headers, tablefmt=tablefmt, disable_numparse=True)
 
@@ -485,7 +496,8 @@ def table(report: dict[str, Any], tablefmt: str = "github") -> str:
     head = (f"{report['model']} on {report['data']}, {report['dtype']}, {report['steps']} forced steps, natural "
             f"≤ {report['natural_max']}, median of {report['repetitions']}; {m['cpu']} ({m['cores']} cores, "
             f"{m['torch_threads']} torch threads), {m['device']}, copy bandwidth "
-            f"{m['memory_bandwidth_gb_s']:.1f} GB/s; torch {m['torch']}; loop step compiled: "
+            f"{m['memory_bandwidth_gb_s']:.1f} GB/s, matmul {m['matmul_gflop_s']:.0f} GFLOP/s; "
+            f"torch {m['torch']}; loop step compiled: "
             f"{'yes' if report['compile'] else 'no'}")
     out = head + "\n\n" + step_table(report, tablefmt)
     if report["end_to_end"]:

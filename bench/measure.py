@@ -1,5 +1,6 @@
-"""Measuring helpers of the decoding benchmark: clocks, peak memory, copy bandwidth, the bytes a decode step
-must move, and one timed greedy decode through either decoder (``generate()`` or mla-registry's loop).
+"""Measuring helpers of the decoding benchmark: clocks, peak memory, copy bandwidth and matmul rate, the bytes
+a decode step must move and the arithmetic it does, and one timed greedy decode through either decoder
+(``generate()`` or mla-registry's loop).
 
 Nothing here formats or compares: bench/decode.py runs these side by side and prints the table.
 """
@@ -7,6 +8,7 @@ Nothing here formats or compares: bench/decode.py runs these side by side and pr
 from __future__ import annotations
 
 import itertools
+import math
 import statistics
 import time
 from typing import Any
@@ -91,6 +93,59 @@ def memory_bandwidth(device: torch.device, dtype: torch.dtype, mbytes: int = 256
         sync(device)
         times.append(time.perf_counter() - t0)
     return 2 * src.numel() * src.element_size() / statistics.median(times)
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype, n: int = 1024, reps: int = 5) -> float:
+    """FLOP/s of a large square matmul (``2 n^3`` per product), median of ``reps``: what the machine's
+    kernels reach on the easiest shape, the denominator of the arithmetic floor."""
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
+    a @ b
+    times = []
+    for _ in range(reps):
+        sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / statistics.median(times)
+
+
+def _count_cpu_kernels() -> None:
+    """Teach ``FlopCounterMode`` the two CPU kernels a loop step calls that it does not count: PyTorch's CPU
+    flash attention (with the formula it uses for the CUDA kernels, ``2 b h q k (d + d_v)``) and the prepacked
+    oneDNN linear of the output projection (``2 rows in out``)."""
+    from torch.utils import flop_counter
+
+    def register(op, formula) -> None:
+        if op is not None and op not in flop_counter.flop_registry and op.default not in flop_counter.flop_registry:
+            flop_counter.register_flop_formula(op)(formula)
+
+    def sdpa(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    def linear(input_shape, *args, out_shape=None, **kwargs) -> int:
+        return 2 * math.prod(out_shape) * input_shape[-1]
+
+    register(getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None), sdpa)
+    register(getattr(torch.ops.mkldnn, "_linear_pointwise", None), linear)
+
+
+@torch.no_grad()
+def step_flops(model: nn.Module, hidden: torch.Tensor, step=None) -> int:
+    """Floating-point operations of one decode step of the loop after the prefill (the first generated token's
+    step: the self cache holds the prompt and one token), counted by ``torch.utils.flop_counter`` over every
+    matmul and attention call (element-wise work, softmax and norms are not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from mla_registry import decoding
+
+    _count_cpu_kernels()
+    counts: list[int] = []
+    with FlopCounterMode(display=False) as counter:
+        decoding.greedy(model, hidden, 2, min_new_tokens=2, step=step,
+                        clock=lambda: counts.append(counter.get_total_flops()))
+    return counts[1] - counts[0]
 
 
 def decoder_weight_bytes(model: nn.Module) -> int:

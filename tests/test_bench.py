@@ -36,6 +36,29 @@ def test_variant_parsing(tmp_path):
         bench.variants_from_mapping({"bad": {"plugin": "mla"}})
 
 
+def test_step_flops_are_every_matmul_and_attention_of_one_step():
+    """The arithmetic floor's count for the stock model equals the step's matmuls worked out by hand: 32 decoder
+    linears, the output projection (a prepacked oneDNN call) and attention over 1500 frames and the self cache
+    (CPU SDPA), at batch 2."""
+    import torch
+
+    sys.path.insert(0, str(BENCH.parent))
+    import measure
+
+    from mla_registry import decoding, whisper
+    from mla_registry import model_refs as models
+
+    model, _ = models.load("bundled:whisper-tiny.en")
+    model.eval()
+    batch, d, frames = 2, 384, 1500
+    hidden = torch.randn(batch, frames, d)
+    self_len = len(whisper.prompt_ids(model)) + 1
+    linears = 4 * (6 * d * d + 2 * d * 1536)
+    attention = 4 * 2 * 2 * batch * 6 * 64 * (frames + self_len)
+    expected = 2 * batch * linears + 2 * batch * model.proj_out.out_features * d + attention
+    assert measure.step_flops(model, hidden, decoding.DecoderStep(model)) == expected
+
+
 def test_benchmark_smoke(tmp_path, capsys):
     """Tiny sizes through every code path; what is asserted is what a regression would break: the loop's tokens
     equal generate()'s, ratios are the ratios of the rows they name, the caches are the sizes the plugins
@@ -60,6 +83,10 @@ def test_benchmark_smoke(tmp_path, capsys):
                 assert r["floor_ms"] == pytest.approx(1e3 * r["step_bytes"] / (
                     report["machine"]["memory_bandwidth_gb_s"] * 1e9))
                 assert r["step_bytes"] > r["weight_bytes"] + r["kv_cross_bytes_per_utterance"] * batch - 1
+                assert r["flop_floor_ms"] == pytest.approx(1e3 * r["step_flops"] / (
+                    report["machine"]["matmul_gflop_s"] * 1e9))
+                assert r["step_over_roofline"] == pytest.approx(
+                    r["ms_per_step"] / max(r["floor_ms"], r["flop_floor_ms"]))
             # both decoders hold the same cache (the loop reports it per sample, generate's is measured at the end)
             assert loop["kv_cross_bytes_per_utterance"] == gen["kv_cross_bytes_per_utterance"]
             assert loop["kv_self_bytes_per_token"] == pytest.approx(gen["kv_self_bytes_per_token"])
