@@ -16,7 +16,7 @@ for a ``DynamicLayer``) keeps working: the layer sees it and grows those tensors
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, EncoderDecoderCache
+from transformers.cache_utils import Cache, DynamicLayer, EncoderDecoderCache
 
 
 class PreallocatedLayer(DynamicLayer):
@@ -82,11 +82,29 @@ class PreallocatedLayer(DynamicLayer):
             self._refresh()
 
 
+class FilledOnceLayer(DynamicLayer):
+    """A cross-attention ``DynamicLayer`` whose first ``update`` keeps the module's tensors as the entry.
+
+    ``DynamicLayer.update`` concatenates onto an empty tensor, so filling the cross cache copies every layer's
+    whole K/V once more (293 MB at batch 16 for whisper-tiny.en; 76 ms of a 600 ms prefill on 2 cores). The
+    entry is computed once and only read afterwards, so the module's own tensors can be the entry: a module
+    must not write them in place after handing them over (the same rule as for the self cache). A second update
+    concatenates as a ``DynamicLayer`` does."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if self.is_initialized:
+            return super().update(key_states, value_states, *args, **kwargs)
+        self.lazy_initialization(key_states, value_states)
+        self.keys, self.values = key_states, value_states
+        return self.keys, self.values
+
+
 def decoding_cache(num_layers: int, capacity: int) -> EncoderDecoderCache:
     """The cache of one greedy decode: preallocated self-attention (``capacity`` positions per layer) and
-    transformers' dynamic cross-attention cache (filled once, on the first step, by the modules themselves)."""
+    cross-attention layers filled once, on the first step, by the modules themselves, without a copy."""
     self_cache = Cache(layers=[PreallocatedLayer(capacity) for _ in range(num_layers)])
-    return EncoderDecoderCache(self_cache, DynamicCache())
+    cross_cache = Cache(layers=[FilledOnceLayer() for _ in range(num_layers)])
+    return EncoderDecoderCache(self_cache, cross_cache)
 
 
 def select_rows(cache: EncoderDecoderCache, rows: torch.Tensor) -> None:

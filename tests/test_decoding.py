@@ -12,7 +12,7 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from mla_registry import data, decoding, evaluate, model_refs, whisper
 from mla_registry.convert import convert_model
-from mla_registry.decode_cache import PreallocatedLayer
+from mla_registry.decode_cache import FilledOnceLayer, PreallocatedLayer
 
 VARIANTS = {
     "stock": [],
@@ -110,6 +110,17 @@ def test_preallocated_layer_fills_one_buffer_in_place():
     assert torch.equal(layer.keys, torch.cat([a, b], dim=-2)[1:])
     with pytest.raises(RuntimeError, match="holds 5 positions"):
         layer.update(torch.randn(1, 3, 3, 4), torch.randn(1, 3, 3, 4))
+
+
+def test_cross_layer_keeps_the_modules_tensors_without_a_copy():
+    layer = FilledOnceLayer()
+    k, v = torch.randn(2, 1, 1500, 8), torch.randn(2, 1, 1500, 0)
+    keys, values = layer.update(k, v)
+    assert keys is k and values is v and layer.get_seq_length() == 1500  # the entry, not a copy of it
+    layer.batch_select_indices(torch.tensor([1]))
+    assert torch.equal(layer.keys, k[1:])
+    more = torch.randn(1, 1, 2, 8)
+    assert torch.equal(layer.update(more, torch.randn(1, 1, 2, 0))[0], torch.cat([k[1:], more], dim=-2))
 
 
 def test_a_module_that_replaces_its_entry_keeps_a_dynamic_layer():
