@@ -1,4 +1,5 @@
-"""A self-attention cache allocated once for the whole decode, speaking transformers' cache protocol.
+"""The greedy loop's cache, speaking transformers' cache protocol: self-attention allocated once for the whole
+decode, cross-attention kept without a copy (:class:`FilledOnceLayer`).
 
 ``DynamicLayer.update`` concatenates: every step copies the whole cached prefix of every layer into a new
 tensor (and allocates it). :class:`PreallocatedLayer` writes the step's keys and values into a buffer sized for
