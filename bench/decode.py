@@ -195,7 +195,7 @@ def export_variants(args, variants: list[Variant], processor, notes: list[str]) 
 
 
 def _benchmark(args, variants, base, processor, utts, steps_of, exports, notes, device, dtype) -> dict[str, Any]:
-    from mla_registry import decoding, whisper
+    from mla_registry import whisper
 
     bandwidth = measure.memory_bandwidth(device, dtype)
     rate = measure.matmul_rate(device, dtype)
@@ -211,7 +211,8 @@ def _benchmark(args, variants, base, processor, utts, steps_of, exports, notes, 
         hidden, encoder_s = encode(base, feats, device)
         runs = [(v, d) for v in variants if v.batch_sizes is None or batch in v.batch_sizes for d in v.decoders]
         # one step's arithmetic per variant (the same model through every decoder), counted once, untimed
-        flops = {v.name: measure.step_flops(v.model, hidden, decoding.DecoderStep(v.model)) for v, _ in runs}
+        models_run = {v.name: v.model for v, _ in runs}
+        flops = {name: measure.step_flops(model, hidden, steps_of[name]) for name, model in models_run.items()}
         log(args, f"batch {batch}: encoder {1e3 * encoder_s:.0f} ms; {', '.join(f'{v.name}/{d}' for v, d in runs)}")
 
         def decode(v: Variant, d: str, steps: int, forced: bool, memory: bool = False,

@@ -79,20 +79,25 @@ class PeakMemory:
         del self._prof
 
 
+def _median_seconds(run, device: torch.device, reps: int) -> float:
+    """Median wall time of ``run()`` over ``reps`` calls after one untimed call."""
+    run()
+    times = []
+    for _ in range(reps):
+        sync(device)
+        t0 = time.perf_counter()
+        run()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def memory_bandwidth(device: torch.device, dtype: torch.dtype, mbytes: int = 256, reps: int = 5) -> float:
     """Bytes/s of a large tensor copy (counting read + write), median of ``reps``."""
     n = mbytes * 2**20 // torch.tensor([], dtype=dtype).element_size()
     src = torch.ones(n, dtype=dtype, device=device)
     dst = torch.empty_like(src)
-    dst.copy_(src)
-    times = []
-    for _ in range(reps):
-        sync(device)
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return 2 * src.numel() * src.element_size() / statistics.median(times)
+    return 2 * src.numel() * src.element_size() / _median_seconds(lambda: dst.copy_(src), device, reps)
 
 
 def matmul_rate(device: torch.device, dtype: torch.dtype, n: int = 1024, reps: int = 5) -> float:
@@ -100,15 +105,7 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, n: int = 1024, reps: i
     kernels reach on the easiest shape, the denominator of the arithmetic floor."""
     a = torch.randn(n, n, dtype=dtype, device=device)
     b = torch.randn(n, n, dtype=dtype, device=device)
-    a @ b
-    times = []
-    for _ in range(reps):
-        sync(device)
-        t0 = time.perf_counter()
-        a @ b
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return 2 * n**3 / statistics.median(times)
+    return 2 * n**3 / _median_seconds(lambda: a @ b, device, reps)
 
 
 def _count_cpu_kernels() -> None:

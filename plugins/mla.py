@@ -53,6 +53,7 @@ encoder, teacher-forced loss) re-expand K/V and run ordinary attention.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -336,8 +337,10 @@ class MlaBuilder(AttentionBuilder):
         d = slots[0].embed_dim
         rank = kwargs["rank"] if kwargs.get("budget") is None else min(d, _budget_total(slots, kwargs["budget"]))
 
+        base = [_objective(_original(context, s), s, context, kwargs["init"]) for s in slots]
+
         def shared_down(v_weight: float | None) -> list[torch.Tensor]:
-            problems = [_objective(_original(context, s), s, context, kwargs["init"], v_weight) for s in slots]
+            problems = [_v_weighted(p, v_weight) for p in base]
             w = torch.cat([p[0] for p in problems])
             g = None if problems[0][2] is None else torch.block_diag(*[p[2] for p in problems])
             return [cm.spectrum(w, problems[0][1], g).factors(w, rank)[1]] * len(slots)
@@ -387,10 +390,21 @@ def _objective(original: nn.Module, slot: Slot, context: ConversionContext | Non
     g = cm.attention_weight(w, stats, original.q_proj.weight.detach(), _detached(original.q_proj.bias),
                             cm.stats_of(context.query_inputs(slot)), original.out_proj.weight.detach(), slot.num_heads,
                             **options)
-    if init == "output":
-        d = slot.embed_dim
-        g[d:, d:] *= 1.0 if v_weight is None else v_weight
-    return w, stats.centred(), g
+    problem = w, stats.centred(), g
+    return _v_weighted(problem, 1.0 if v_weight is None else v_weight) if init == "output" else problem
+
+
+def _v_weighted(problem: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None], v_weight: float | None
+                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """``init="output"``'s problem for a V weight, from the slot's problem at weight 1 (``scores``): ``G``'s V
+    block scaled (a copy), so the candidate weights share one objective; ``None`` leaves it as it is."""
+    w, gram, g = problem
+    if v_weight is None or g is None:
+        return problem
+    d = w.shape[1]
+    g = g.clone()
+    g[d:, d:] *= v_weight
+    return w, gram, g
 
 
 def _spectrum(original: nn.Module, slot: Slot, context: ConversionContext | None, init: str,
@@ -402,11 +416,13 @@ def _spectrum(original: nn.Module, slot: Slot, context: ConversionContext | None
 def _own_down(slot: Slot, context: ConversionContext | None, rank: int
               ) -> Callable[[float], list[torch.Tensor]]:
     """For :func:`_choose_v_weight`: the slot's own rank-``rank`` ``kv_down`` under ``init="output"`` with a
-    given V weight."""
+    given V weight (the slot's objective computed once, on the first call, for all the weights)."""
+    @functools.cache
+    def problem() -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        return _objective(_original(context, slot), slot, context, "output")
+
     def down(v_weight: float) -> list[torch.Tensor]:
-        original = _original(context, slot)
-        w = _kv_weight(original)
-        return [_spectrum(original, slot, context, "output", v_weight).factors(w, rank)[1]]
+        return [cm.spectrum(*_v_weighted(problem(), v_weight)).factors(problem()[0], rank)[1]]
     return down
 
 
