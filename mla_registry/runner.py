@@ -11,7 +11,7 @@ the checkpoint; evaluation: data, decoding, dtype); a checkpoint whose manifest 
 reused, so changing ``max_new_tokens`` re-evaluates every variant without re-converting any. The validation CE
 has a fingerprint of its own (build, validation data, dtype): a finished variant without a current one gets only
 that computed. Every file is written atomically, so an interrupted run leaves only finished files behind.
-``force=True`` recomputes all.
+``force=True`` recomputes all, fine-tunes included (their saved training state is not resumed).
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ class _Variants:
 
             lineage.record_finetune(model, finetune(model, processor, v.finetune, work_dir=vdir / "finetune",
                                                     teacher_ref=exp.base_model, quiet=self.quiet,
-                                                    caches=self.finetune_caches))
+                                                    caches=self.finetune_caches, resume=not self.force))
         lineage.of(model).provenance.experiment = {"file": str(exp.path), "variant": v.name,
                                                    "build_fingerprint": build}
         if distributed.world().is_main:

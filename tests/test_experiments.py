@@ -155,6 +155,16 @@ def test_validation_ce_of_every_variant_and_its_resume(tmp_path, tiny_base, monk
     assert (len(ce_calls), evaluated) == (4, [])
     assert all(v["metrics"]["valid_ce_info"]["utterances"] == 1 for v in other["variants"])
 
+    # --force recomputes everything, the finished fine-tune included: its saved training state is not resumed
+    from mla_registry.finetune import loop
+
+    steps = []
+    real_step = loop.Trainer.train_step
+    monkeypatch.setattr(loop.Trainer, "train_step", lambda self, *a: steps.append(a[1]) or real_step(self, *a))
+    forced = runner.run(experiments.load(path), force=True, quiet=True)
+    assert steps == [0] and len(evaluated) == 4
+    assert forced["variants"][3]["metrics"]["wer"] == other["variants"][3]["metrics"]["wer"]
+
 
 def test_errors_name_file_line_and_key(tmp_path, tiny_base):
     bad = """\

@@ -338,13 +338,15 @@ def _distil(trainer: Trainer, teacher_ref: str, processor, data: tuple[list, lis
 
 def finetune(model: nn.Module, processor, cfg: FinetuneConfig, work_dir: str | Path, teacher_ref: str | None,
              quiet: bool = False, on_step: Callable[[int, float], None] | None = None,
-             caches: FinetuneCaches | None = None) -> dict[str, Any]:
+             caches: FinetuneCaches | None = None, resume: bool = True) -> dict[str, Any]:
     """Fine-tune ``model`` in place, keeping the weights with the lowest validation loss; returns provenance
     (config, steps done, best step and loss, initial loss, curve, seconds, data fingerprints).
 
     ``work_dir`` holds the resumable training state; ``teacher_ref`` names the original model (needed by
     ``distill``). ``on_step(step, train_loss)`` is called after every optimiser step (1-based step).
     ``caches`` shares encoder outputs and teacher top-k with other fine-tunes of the same process.
+    ``resume=False`` trains from step 0 even when ``work_dir`` holds a matching state, finished or not (the
+    runner's ``--force``); the new run's state replaces it at its first validation.
     """
     quiet = quiet or not distributed.world().is_main
     t_start = time.perf_counter()
@@ -357,7 +359,9 @@ def finetune(model: nn.Module, processor, cfg: FinetuneConfig, work_dir: str | P
     _check(model, cfg, params, teacher_ref)
     state_dir = Path(work_dir) / st.STATE_DIR
     fp = st.start_fingerprint(model, cfg, params)
-    meta = st.read_state(state_dir, fp, log)
+    meta = st.read_state(state_dir, fp, log) if resume else None
+    if not resume and (state_dir / "state.json").exists():
+        log(f"fine-tune: starting afresh, not resuming the training state in {state_dir}")
     if meta and meta.get("finished"):
         st.copy_into(params, st.load_tensors(state_dir, "best"))
         log(f"fine-tune: finished earlier (best valid loss {meta['best_valid_loss']:.4f} at step "
