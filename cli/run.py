@@ -48,7 +48,8 @@ def command(config: str, force: bool, check: bool, fmt: str, quiet: bool) -> Non
                f"audio per variant, peak RSS {results['peak_rss_bytes'] / 2**30:.2f} GiB; encoder batches computed "
                f"{reuse['computed_batches']}, reused {reuse['reused_batches']} (in memory up to "
                f"{reuse['budget_bytes'] / 2**30:.1f} GiB, peak {reuse['peak_memory_bytes'] / 2**30:.2f}; spilled to "
-               f"disk {reuse['spilled_batches']}, recomputed {reuse['recomputed_batches']})")
+               f"disk {reuse['spilled_batches']}, recomputed {reuse['recomputed_batches']}); calibration passes "
+               f"{results['calibration_passes']['captured']}, reused {results['calibration_passes']['reused']}")
     if results.get("tradeoff_png"):
         click.echo(f"wrote {results['tradeoff_png']}")
         if results.get("loss_vs_wer_png"):

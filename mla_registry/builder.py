@@ -99,7 +99,9 @@ class ConversionContext(Protocol):
 
     Calibration is a setting of the conversion (``--calibration REF --calibration-size N``, the YAML's
     ``data.calibration`` / ``data.calibration_size``), not a kwarg of any plugin: every plugin that asks gets the
-    same utterances, and the checkpoint records which."""
+    same utterances, and the checkpoint records which. The tensors it returns are shared (between the cross
+    slots of a model, and with later conversions of the same weights in one run): read them, never write into
+    them."""
 
     def calibration_inputs(self, slot: Slot) -> torch.Tensor:
         """The real inputs of ``slot``'s key/value projections over the calibration audio: ``[tokens, embed_dim]``.

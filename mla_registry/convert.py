@@ -9,17 +9,19 @@ from pathlib import Path
 from torch import nn
 
 from . import checkpoint, lineage, model_refs, surgery
-from .calibration import CalibrationContext, CalibrationSettings
+from .calibration import CalibrationContext, CalibrationSettings, CapturedInputs
 from .lineage import SlotRecord
 
 
 def convert_model(model: nn.Module, processor, specs: list[str | surgery.AttentionSpec],
                   calibration: CalibrationSettings = CalibrationSettings(), source_model: str | None = None,
-                  quiet: bool = True) -> list[SlotRecord]:
+                  quiet: bool = True, captured: CapturedInputs | None = None) -> list[SlotRecord]:
     """Convert ``model`` in place and record the conversion (specs, the calibration data actually used) in its
-    lineage; returns the records of every converted slot."""
+    lineage; returns the records of every converted slot. Calibration records the inputs of the converted slots
+    only; ``captured`` keeps them for later conversions of the same weights (an experiment's variants)."""
     parsed = [surgery.parse_spec(s) if isinstance(s, str) else s for s in specs]
-    context = CalibrationContext(model, processor, calibration, quiet=quiet)
+    paths = [p.slot.path for p in surgery.plan(model, parsed)]
+    context = CalibrationContext(model, processor, calibration, quiet=quiet, paths=paths, shared=captured)
     records = surgery.replace_slots(model, parsed, context)
     lineage.record_conversion(model, source_model, [s.short() for s in parsed], context.used)
     return records

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint, data, distributed, fingerprint, lineage, model_refs
 from .atomic import write_json
+from .calibration import CapturedInputs
 from .convert import convert_model
 from .encoder_cache import EncoderOutputs, GiB
 from .errors import ExperimentError
@@ -69,6 +70,7 @@ class _Variants:
     def __init__(self, exp: Experiment, force: bool, quiet: bool):
         self.exp, self.force, self.quiet = exp, force, quiet
         self.finetune_caches = FinetuneCaches(int(exp.encoder_cache_gib * GiB), exp.run_dir / ".finetune-inputs")
+        self.calibration = CapturedInputs()  # one calibration pass for every variant that converts the base model
 
     def checkpoint(self, v: Variant, vdir: Path, build: str) -> str:
         """The model reference to evaluate: an existing model, the base model, or this variant's checkpoint."""
@@ -91,7 +93,7 @@ class _Variants:
         # checkpoints are built in float32 whatever the evaluation dtype: the build does not depend on it
         model, processor = model_refs.load(exp.base_model, device=exp.device)
         convert_model(model, processor, v.attention, exp.data.calibration_settings, source_model=exp.base_model,
-                      quiet=self.quiet)
+                      quiet=self.quiet, captured=self.calibration)
         if v.finetune:
             from .finetune import finetune
 
@@ -179,6 +181,7 @@ def run(exp: Experiment, force: bool = False, quiet: bool = False) -> dict[str, 
         return results
     results["wall_seconds_this_invocation"] = time.perf_counter() - t_start
     results["encoder_reuse"] = shared.report()
+    results["calibration_passes"] = {"captured": builder.calibration.captures, "reused": builder.calibration.reuses}
     results["audio_hours"] = sum(u.duration for u in utts) / 3600
     results["peak_rss_bytes"] = peak_rss_bytes()
     png = plot.tradeoff_plot(run_dir)

@@ -3,7 +3,10 @@ for conversions that need no calibration."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
+import torch
 
 from mla_registry import model_refs, whisper
 from mla_registry.calibration import CalibrationContext, CalibrationSettings
@@ -44,3 +47,33 @@ def test_a_calibration_set_smaller_than_asked_is_an_error(bundled):
     ctx = CalibrationContext(*bundled, CalibrationSettings("builtin:real?source=jfk", 5))
     with pytest.raises(DataError, match="has 1 utterances; calibration_size asks for 5"):
         ctx.calibration_inputs(whisper.slots(bundled[0])[0])
+
+
+def test_a_capture_is_shared_by_later_conversions_of_the_same_weights(bundled):
+    """An experiment's variants convert one base model: the calibration pass runs once, each conversion records
+    only the slots it converts, and the inputs are those a lone conversion of every slot sees."""
+    from mla_registry.calibration import CapturedInputs
+
+    model, processor = bundled
+    slots = {s.name: s for s in whisper.slots(model)}
+    decoder = [s.path for s in slots.values() if s.kind.startswith("decoder")]
+    settings, shared = CalibrationSettings(REAL, 2), CapturedInputs()
+    first = CalibrationContext(model, processor, settings, paths=decoder, shared=shared)
+    cross, dec = first.calibration_inputs(slots["decoder.cross.3"]), first.query_inputs(slots["decoder.self.1"])
+    assert (shared.captures, shared.reuses) == (1, 0) and set(first._query) == set(decoder)
+    later = CalibrationContext(model, processor, settings, paths=decoder[:2], shared=shared)
+    assert later.calibration_inputs(slots["decoder.self.0"]) is first.calibration_inputs(slots["decoder.self.0"])
+    assert (shared.captures, shared.reuses) == (1, 1) and later.used == first.used
+    alone = CalibrationContext(model, processor, settings)  # every slot, nothing shared
+    assert torch.equal(alone.calibration_inputs(slots["decoder.cross.0"]), cross)
+    assert torch.equal(alone.query_inputs(slots["decoder.self.1"]), dec)
+    # a slot no earlier conversion recorded, or other weights: a new pass
+    enc = slots["encoder.self.0"]
+    encoder = CalibrationContext(model, processor, settings, paths=[enc.path], shared=shared)
+    assert torch.equal(encoder.calibration_inputs(enc), alone.calibration_inputs(enc))
+    assert shared.captures == 2
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.model.decoder.layers[0].fc1.weight.mul_(0.5)
+    moved = CalibrationContext(other, processor, settings, paths=decoder, shared=shared)
+    assert not torch.equal(moved.query_inputs(slots["decoder.self.1"]), dec) and shared.captures == 3
