@@ -83,6 +83,17 @@ class EncoderOutputs:
             self._store(key, out, seconds)
         return out, seconds
 
+    def peek(self, fp: str, ids: tuple[str, ...]) -> torch.Tensor | None:
+        """The stored output of this batch (from memory or disk), or None; never runs the encoder."""
+        key = (fp, ids)
+        if key in self._memory:
+            self.hits += 1
+            return self._memory[key][0]
+        if key in self._disk:
+            self.hits += 1
+            return safetensors.torch.load_file(str(self._disk[key][0]))["hidden"]
+        return None
+
     def _store(self, key: tuple, out: torch.Tensor, seconds: float) -> None:
         size = out.numel() * out.element_size()
         if self.held_bytes + size <= self.budget:

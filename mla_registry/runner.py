@@ -67,9 +67,11 @@ def _built(ckpt: Path) -> str | None:
 class _Variants:
     """Builds each variant's checkpoint (the state shared between variants: fine-tuning caches)."""
 
-    def __init__(self, exp: Experiment, force: bool, quiet: bool):
+    def __init__(self, exp: Experiment, force: bool, quiet: bool, shared: EncoderOutputs | None = None):
         self.exp, self.force, self.quiet = exp, force, quiet
-        self.finetune_caches = FinetuneCaches(int(exp.encoder_cache_gib * GiB), exp.run_dir / ".finetune-inputs")
+        # the fine-tunes find the validation set's encoder outputs where the runs' validation CE left them
+        self.finetune_caches = FinetuneCaches(int(exp.encoder_cache_gib * GiB), exp.run_dir / ".finetune-inputs",
+                                              encoder_outputs=shared, outputs_batch_size=exp.decoding.batch_size)
         self.calibration = CapturedInputs()  # one calibration pass for every variant that converts the base model
 
     def checkpoint(self, v: Variant, vdir: Path, build: str) -> str:
@@ -170,7 +172,7 @@ def run(exp: Experiment, force: bool = False, quiet: bool = False) -> dict[str, 
     base_processor = model_refs.load_processor(exp.base_model)
     shared = EncoderOutputs(int(exp.encoder_cache_gib * GiB), spill_dir=run_dir / ".encoder-outputs",
                             keep=exp.keep_encoder_cache)
-    builder = _Variants(exp, force, quiet)
+    builder = _Variants(exp, force, quiet, shared)
     try:
         entries = _run_variants(exp, builder, utts, valid, data_desc, base_processor, shared, quiet)
     finally:

@@ -259,6 +259,30 @@ def test_cached_inputs_beyond_the_budget_go_to_disk_with_identical_training(tmp_
     assert not (tmp_path / "inputs").exists()
 
 
+def test_the_validation_set_comes_from_the_runs_encoder_outputs(tmp_path, converted, processor, monkeypatch):
+    """In a run the validation CE has already encoded the validation set: the fine-tune takes those outputs
+    (only the training clips go through the encoder) and trains to the same weights."""
+    from mla_registry import data
+    from mla_registry.encoder_cache import EncoderOutputs
+    from mla_registry.finetune import loop
+
+    c = cfg(steps=2, eval_every=1)
+    alone = copy.deepcopy(converted)
+    finetune(alone, processor, c, tmp_path / "a", teacher_ref=None, quiet=True)
+    shared = EncoderOutputs()
+    ft.validation_ce(converted, processor, data.load(DATA, quiet=True)[:2], 2, shared, quiet=True)  # valid_limit 2
+    encoded = []
+    real_encode = loop.whisper.encode
+    monkeypatch.setattr(loop.whisper, "encode", lambda m, f: encoded.append(f.shape[0]) or real_encode(m, f))
+    in_run = copy.deepcopy(converted)
+    caches = ft.FinetuneCaches(encoder_outputs=shared, outputs_batch_size=2)
+    finetune(in_run, processor, c, tmp_path / "b", teacher_ref=None, quiet=True, caches=caches)
+    assert sum(encoded) == 3 and shared.hits == 1  # train_limit 3 encoded; the one validation batch looked up
+    a, b = dict(alone.named_parameters()), dict(in_run.named_parameters())
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    caches.close()
+
+
 # --- the validation CE a run reports for every variant ---------------------------------------------------------
 
 def test_validation_ce_is_the_fine_tunes_cross_entropy(tmp_path, converted, processor, reference_ce):

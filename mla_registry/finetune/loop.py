@@ -62,6 +62,10 @@ class FinetuneCaches:
 
     budget_bytes: int = DEFAULT_BUDGET
     directory: Path | None = None
+    # a run's encoder outputs (in batches of ``outputs_batch_size``), looked up before encoding a set: the run's
+    # validation CE has already encoded the validation set a fine-tune usually validates on
+    encoder_outputs: EncoderOutputs | None = None
+    outputs_batch_size: int = 16
     inputs: dict[tuple, list[tuple[str, str]]] = field(default_factory=dict)
     teachers: dict[tuple, tuple[float, list[dict[str, torch.Tensor]]]] = field(default_factory=dict)
     _store: TensorStore | None = None
@@ -106,14 +110,18 @@ class Trainer:
         items: list[Item] = []
         was = self.model.training
         self.model.eval()
-        bs = self.cfg.batch_size
+        shared = self.caches.encoder_outputs if self.encoder_frozen else None
+        bs = self.caches.outputs_batch_size if shared is not None else self.cfg.batch_size
+        set_key = valid_set_key(self.model, utts) if shared is not None else ""
         prefix = fingerprint.of_json(key)[:12]
         for i in tqdm(range(0, len(utts), bs), desc=desc, disable=quiet, unit="batch", leave=False):
             batch = utts[i: i + bs]
-            feats = whisper.input_features(self.processor, [u.audio for u in batch], self.device, self.dtype)
-            src = whisper.encode(self.model, feats) if self.encoder_frozen else feats
+            src = shared.peek(set_key, tuple(u.id for u in batch)) if shared is not None else None
+            if src is None:
+                feats = whisper.input_features(self.processor, [u.audio for u in batch], self.device, self.dtype)
+                src = whisper.encode(self.model, feats) if self.encoder_frozen else feats
             for j, u in enumerate(batch):
-                store.put(f"{prefix}/{i + j}", src[j].clone())
+                store.put(f"{prefix}/{i + j}", src[j].to(self.device, self.dtype).clone())
                 items.append(Item(f"{prefix}/{i + j}", u.text, store))
         self.model.train(was)
         self.caches.inputs[key] = [(it.key, it.text) for it in items]
@@ -248,6 +256,14 @@ def token_mean(batches: list, losses: Callable[[Any], torch.Tensor], device: tor
     return total / max(count, 1), int(count)
 
 
+def valid_set_key(model: nn.Module, utts: list) -> str:
+    """The key of a validation set's batches in a run's :class:`EncoderOutputs` (with the batch's ids): apart
+    from the test set's, since the same ids in two sets need not be the same audio."""
+    from ..data import fingerprint_of
+
+    return f"{encoder_fingerprint(model)}/valid/{fingerprint_of(utts)[:16]}"
+
+
 @torch.no_grad()
 def validation_ce(model: nn.Module, processor, utts: list, batch_size: int = 16,
                   encoder_outputs: EncoderOutputs | None = None, quiet: bool = False) -> dict[str, Any]:
@@ -256,8 +272,6 @@ def validation_ce(model: nn.Module, processor, utts: list, batch_size: int = 16,
     fine-tune's objective was), so it compares every model alike, trained or not. One pass in batches of
     ``batch_size``; the encoder outputs come from ``encoder_outputs`` when given (shared with every model whose
     encoder is identical). Returns ``ce``, ``tokens``, ``utterances`` and ``seconds``."""
-    from ..data import fingerprint_of
-
     if not utts or any(not u.text.strip() for u in utts):
         raise DataError("the validation CE needs a transcript for every validation utterance"
                         + ("" if utts else " (there are none)"))
@@ -265,8 +279,7 @@ def validation_ce(model: nn.Module, processor, utts: list, batch_size: int = 16,
     was = model.training
     model.eval()
     param = next(model.parameters())
-    # keyed apart from the test set's batches: the same ids in two sets need not be the same audio
-    fp = f"{encoder_fingerprint(model)}/valid/{fingerprint_of(utts)[:16]}" if encoder_outputs is not None else ""
+    fp = valid_set_key(model, utts) if encoder_outputs is not None else ""
     bar = tqdm(total=len(utts), desc="validation CE", disable=quiet, unit="utt", leave=False)
 
     def losses(batch: list) -> torch.Tensor:
