@@ -65,11 +65,12 @@ def _built(ckpt: Path) -> str | None:
 
 
 class _Variants:
-    """Builds each variant's checkpoint (the state shared between variants: fine-tuning caches)."""
+    """Builds each variant's checkpoint (the state shared between variants: fine-tuning caches, the calibration
+    capture)."""
 
     def __init__(self, exp: Experiment, force: bool, quiet: bool, shared: EncoderOutputs | None = None):
         self.exp, self.force, self.quiet = exp, force, quiet
-        # the fine-tunes find the validation set's encoder outputs where the runs' validation CE left them
+        # the fine-tunes find the validation set's encoder outputs where the run's validation CE left them
         self.finetune_caches = FinetuneCaches(int(exp.encoder_cache_gib * GiB), exp.run_dir / ".finetune-inputs",
                                               encoder_outputs=shared, outputs_batch_size=exp.decoding.batch_size)
         self.calibration = CapturedInputs()  # one calibration pass for every variant that converts the base model

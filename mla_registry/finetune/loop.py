@@ -257,8 +257,9 @@ def token_mean(batches: list, losses: Callable[[Any], torch.Tensor], device: tor
 
 
 def valid_set_key(model: nn.Module, utts: list) -> str:
-    """The key of a validation set's batches in a run's :class:`EncoderOutputs` (with the batch's ids): apart
-    from the test set's, since the same ids in two sets need not be the same audio."""
+    """The key under which :func:`validation_ce` keeps a set's batches in a run's :class:`EncoderOutputs` (with
+    each batch's ids; a fine-tune looks its sets up under it): apart from the test set's, since the same ids in
+    two sets need not be the same audio."""
     from ..data import fingerprint_of
 
     return f"{encoder_fingerprint(model)}/valid/{fingerprint_of(utts)[:16]}"
