@@ -55,6 +55,8 @@ class CapturedInputs:
         return entry
 
     def put(self, key: tuple, kv: dict, query: dict, used: dict) -> None:
+        """Keep a new capture (merged with earlier ones of the same key)."""
+        self.captures += 1
         entry = self._entries.setdefault(key, {"kv": {}, "query": {}, "used": used})
         entry["kv"].update(kv)
         entry["query"].update(query)
@@ -103,7 +105,6 @@ class CalibrationContext:
         if entry is None:
             kv, query, used = self._record(want)
             if self.shared is not None:
-                self.shared.captures += 1
                 self.shared.put(key, kv, query, used)
         else:
             kv, query, used = entry["kv"], entry["query"], entry["used"]

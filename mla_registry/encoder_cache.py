@@ -63,13 +63,9 @@ class EncoderOutputs:
         stay comparable between the variant that computed it and those that reuse it). ``features()`` makes the
         batch's input features; it is called only when the encoder has to run."""
         key = (fp, ids)
-        if key in self._memory:
-            self.hits += 1
-            return self._memory[key]
-        if key in self._disk:
-            self.hits += 1
-            path, seconds = self._disk[key]
-            return safetensors.torch.load_file(str(path))["hidden"], seconds
+        stored = self._stored(key)
+        if stored is not None:
+            return stored
         param = next(model.parameters())
         t0 = time.perf_counter()
         out = whisper.encode(model, features().to(param.device, param.dtype))
@@ -85,13 +81,18 @@ class EncoderOutputs:
 
     def peek(self, fp: str, ids: tuple[str, ...]) -> torch.Tensor | None:
         """The stored output of this batch (from memory or disk), or None; never runs the encoder."""
-        key = (fp, ids)
+        stored = self._stored((fp, ids))
+        return stored[0] if stored is not None else None
+
+    def _stored(self, key: tuple) -> tuple[torch.Tensor, float] | None:
+        """A held batch's output and encoder seconds, from memory or disk (counted as a hit), or None."""
         if key in self._memory:
             self.hits += 1
-            return self._memory[key][0]
+            return self._memory[key]
         if key in self._disk:
             self.hits += 1
-            return safetensors.torch.load_file(str(self._disk[key][0]))["hidden"]
+            path, seconds = self._disk[key]
+            return safetensors.torch.load_file(str(path))["hidden"], seconds
         return None
 
     def _store(self, key: tuple, out: torch.Tensor, seconds: float) -> None:

@@ -101,9 +101,10 @@ class Trainer:
         whose encoder weights (by hash) and data are the same."""
         from ..data import fingerprint_of
 
-        key = ("encoded" if self.encoder_frozen else "features",
-               fingerprint.of_tensors(self.model.get_encoder()) if self.encoder_frozen else "",
-               fingerprint_of(utts), self.cfg.batch_size, str(self.device), str(self.dtype))
+        encoder = encoder_fingerprint(self.model) if self.encoder_frozen else ""
+        data_fp = fingerprint_of(utts)
+        key = ("encoded" if self.encoder_frozen else "features", encoder, data_fp, self.cfg.batch_size,
+               str(self.device), str(self.dtype))
         store = self.caches.store
         if key in self.caches.inputs:
             return [Item(k, text, store) for k, text in self.caches.inputs[key]]
@@ -112,7 +113,7 @@ class Trainer:
         self.model.eval()
         shared = self.caches.encoder_outputs if self.encoder_frozen else None
         bs = self.caches.outputs_batch_size if shared is not None else self.cfg.batch_size
-        set_key = valid_set_key(self.model, utts) if shared is not None else ""
+        set_key = valid_set_key(encoder, data_fp) if shared is not None else ""
         prefix = fingerprint.of_json(key)[:12]
         for i in tqdm(range(0, len(utts), bs), desc=desc, disable=quiet, unit="batch", leave=False):
             batch = utts[i: i + bs]
@@ -256,13 +257,11 @@ def token_mean(batches: list, losses: Callable[[Any], torch.Tensor], device: tor
     return total / max(count, 1), int(count)
 
 
-def valid_set_key(model: nn.Module, utts: list) -> str:
+def valid_set_key(encoder: str, data: str) -> str:
     """The key under which :func:`validation_ce` keeps a set's batches in a run's :class:`EncoderOutputs` (with
-    each batch's ids; a fine-tune looks its sets up under it): apart from the test set's, since the same ids in
-    two sets need not be the same audio."""
-    from ..data import fingerprint_of
-
-    return f"{encoder_fingerprint(model)}/valid/{fingerprint_of(utts)[:16]}"
+    each batch's ids; a fine-tune looks its sets up under it), from the encoder's and the set's fingerprints:
+    apart from the test set's, since the same ids in two sets need not be the same audio."""
+    return f"{encoder}/valid/{data[:16]}"
 
 
 @torch.no_grad()
@@ -273,6 +272,8 @@ def validation_ce(model: nn.Module, processor, utts: list, batch_size: int = 16,
     fine-tune's objective was), so it compares every model alike, trained or not. One pass in batches of
     ``batch_size``; the encoder outputs come from ``encoder_outputs`` when given (shared with every model whose
     encoder is identical). Returns ``ce``, ``tokens``, ``utterances`` and ``seconds``."""
+    from ..data import fingerprint_of
+
     if not utts or any(not u.text.strip() for u in utts):
         raise DataError("the validation CE needs a transcript for every validation utterance"
                         + ("" if utts else " (there are none)"))
@@ -280,7 +281,7 @@ def validation_ce(model: nn.Module, processor, utts: list, batch_size: int = 16,
     was = model.training
     model.eval()
     param = next(model.parameters())
-    fp = valid_set_key(model, utts) if encoder_outputs is not None else ""
+    fp = valid_set_key(encoder_fingerprint(model), fingerprint_of(utts)) if encoder_outputs is not None else ""
     bar = tqdm(total=len(utts), desc="validation CE", disable=quiet, unit="utt", leave=False)
 
     def losses(batch: list) -> torch.Tensor:
