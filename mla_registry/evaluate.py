@@ -30,7 +30,7 @@ from .config import between, setting
 from .data import SAMPLE_RATE, Utterance
 from .encoder_cache import EncoderOutputs, encoder_fingerprint
 from .errors import DataError, KwargError
-from .process_memory import limit_heap_growth, peak_rss_bytes
+from .process_memory import peak_rss_bytes, reuse_heap_memory
 from .surgery import describe
 
 __all__ = ["DecodeSettings", "EncoderOutputs", "encoder_fingerprint", "evaluate", "peak_rss_bytes", "transcribe"]
@@ -163,7 +163,7 @@ def transcribe(model: nn.Module, processor, utts: list[Utterance], settings: Dec
     """
     settings.check_model(model)
     threads = decoding.configure_threads()
-    limit_heap_growth()  # peak memory must not creep up with the number of batches (see process_memory)
+    reuse_heap_memory()  # freed buffers reused, not mapped afresh; peak memory flat (see process_memory)
     param = next(model.parameters())
     fp = encoder_fingerprint(model) if encoder_outputs is not None else ""
     windows = [list(range(i, min(i + settings.batch_size, len(utts)))) for i in range(0, len(utts),

@@ -34,7 +34,7 @@ from .errors import ExperimentError
 from .evaluate import evaluate
 from .experiments import Experiment, Variant
 from .finetune import FinetuneCaches, validation_ce
-from .process_memory import limit_heap_growth, peak_rss_bytes
+from .process_memory import peak_rss_bytes, reuse_heap_memory
 
 RESULTS = "results.json"
 
@@ -167,7 +167,7 @@ def run(exp: Experiment, force: bool = False, quiet: bool = False) -> dict[str, 
     world = distributed.world()
     _check_world(run_dir, world.size, force)
     t_start = time.perf_counter()
-    limit_heap_growth()
+    reuse_heap_memory()
     utts, data_desc = load_test_data(exp, quiet)
     valid = load_valid_data(exp, quiet)
     base_processor = model_refs.load_processor(exp.base_model)

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from .. import distributed, fingerprint, whisper
 from ..encoder_cache import DEFAULT_BUDGET, EncoderOutputs, TensorStore, encoder_fingerprint
 from ..errors import DataError, MlaRegistryError
+from ..process_memory import reuse_heap_memory
 from . import state as st
 from .config import FinetuneConfig
 from .objectives import cross_entropy, distill_kl, masked_logits, teacher_forced_logits, topk_teacher
@@ -365,6 +366,7 @@ def finetune(model: nn.Module, processor, cfg: FinetuneConfig, work_dir: str | P
     """
     quiet = quiet or not distributed.world().is_main
     t_start = time.perf_counter()
+    reuse_heap_memory()  # the 51864-wide logits of every step reuse freed memory (see process_memory)
 
     def log(msg: str) -> None:
         if not quiet:
