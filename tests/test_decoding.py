@@ -49,7 +49,7 @@ def reference(model, hidden, max_new_tokens, **kwargs) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
-def test_loop_tokens_equal_generate(tiny, name):
+def test_loop_tokens_equal_generate(tiny, name, monkeypatch):
     base, processor, _, hidden = tiny
     model = base
     if VARIANTS[name]:
@@ -59,11 +59,36 @@ def test_loop_tokens_equal_generate(tiny, name):
     eos = model.generation_config.eos_token_id
     for max_new in (96, 6):  # natural end for every row, and a cap that cuts rows off mid-sentence
         ref = reference(model, hidden, max_new)
-        res = decoding.greedy(model, hidden, max_new)
         prompt = len(whisper.prompt_ids(model))
-        assert res.prompt_length == prompt
-        assert generated(res.sequences, prompt, eos) == generated(ref, prompt, eos), (name, max_new)
+        # finished rows dropped at the first one, at a quarter of the batch (the default), never: finished rows
+        # that still run along must not write tokens
+        for compact_at in (0.01, decoding.COMPACT_AT, 1.0):
+            monkeypatch.setattr(decoding, "COMPACT_AT", compact_at)
+            res = decoding.greedy(model, hidden, max_new)
+            assert res.prompt_length == prompt
+            assert generated(res.sequences, prompt, eos) == generated(ref, prompt, eos), (name, max_new, compact_at)
+            assert torch.equal(res.sequences, ref), (name, max_new, compact_at)  # padded with eos alike
     assert res.kv.cross_per_utterance > 0 and res.kv.self_per_token > 0
+
+
+def test_finished_rows_that_run_along_write_nothing(tiny, monkeypatch):
+    """Rows that finished but are not dropped yet keep being decoded; what they produce is discarded. A model
+    that keeps talking after end-of-text shows it: dropping rows at once or never gives the same sequences."""
+    model, _, _, hidden = tiny
+    eos = model.generation_config.eos_token_id
+    inner = decoding.DecoderStep(model)
+
+    def chatty(ids, hidden, cache):
+        logits = inner(ids, hidden, cache)
+        logits[ids[:, -1] == eos, 1000] = 1e4  # after end-of-text, always token 1000
+        return logits
+
+    runs = []
+    for compact_at in (0.01, 1.0):
+        monkeypatch.setattr(decoding, "COMPACT_AT", compact_at)
+        runs.append(decoding.greedy(model, hidden, 96, step=chatty).sequences)
+    assert (runs[0] == eos).any(dim=1).all()  # every row ended
+    assert torch.equal(runs[0], runs[1])
 
 
 def test_multilingual_prompt_and_language_detection():
