@@ -154,8 +154,10 @@ def benchmark(args: argparse.Namespace, variants: list[Variant]) -> dict[str, An
 
     from mla_registry import data, decoding
     from mla_registry import model_refs as models
+    from mla_registry.process_memory import reuse_heap_memory
 
     hf_logging.set_verbosity_error()
+    reuse_heap_memory()  # the heap settings evaluation runs under: freed blocks reused, not mapped afresh
     if args.threads:
         torch.set_num_threads(args.threads)
     else:

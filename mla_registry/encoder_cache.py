@@ -33,6 +33,19 @@ def encoder_fingerprint(model: nn.Module) -> str:
     return fingerprint.of_tensors(model.get_encoder())
 
 
+def set_batches(encoder: str, utts: list, batch_size: int) -> list[tuple[list, str]]:
+    """``utts`` in batches of ``batch_size``, each with the key its encoder outputs are kept under in a run's
+    :class:`EncoderOutputs` (beside the batch's ids): the encoder's fingerprint and the fingerprint (ids and
+    transcripts, in order) of the utterances up to the batch's end. Lists that begin alike share their common
+    leading batches: a validation set and a fine-tune's, the calibration utterances and a training set taken
+    from the start of the same dataset. Apart from the test set's keys, since the same ids in two sets need not
+    be the same audio."""
+    from .data import fingerprint_of
+
+    return [(utts[i: i + batch_size], f"{encoder}/set/{fingerprint_of(utts[: i + batch_size])[:16]}")
+            for i in range(0, len(utts), batch_size)]
+
+
 class EncoderOutputs:
     """Encoder outputs per (encoder fingerprint, batch of utterance ids), computed once and reused, bounded."""
 

@@ -73,7 +73,9 @@ class _Variants:
         # the fine-tunes find the validation set's encoder outputs where the run's validation CE left them
         self.finetune_caches = FinetuneCaches(int(exp.encoder_cache_gib * GiB), exp.run_dir / ".finetune-inputs",
                                               encoder_outputs=shared, outputs_batch_size=exp.decoding.batch_size)
-        self.calibration = CapturedInputs()  # one calibration pass for every variant that converts the base model
+        # one calibration pass for every variant that converts the base model; its encoder outputs stay in the
+        # run's cache for the fine-tunes (the calibration clips open the training set)
+        self.calibration = CapturedInputs(shared, exp.decoding.batch_size)
 
     def checkpoint(self, v: Variant, vdir: Path, build: str) -> str:
         """The model reference to evaluate: an existing model, the base model, or this variant's checkpoint."""

@@ -49,6 +49,32 @@ def test_a_calibration_set_smaller_than_asked_is_an_error(bundled):
         ctx.calibration_inputs(whisper.slots(bundled[0])[0])
 
 
+def test_a_capture_takes_the_runs_encoder_outputs_and_leaves_them_for_training(bundled):
+    """In a run the calibration clips' encoder outputs go through the run's cache: the captured inputs are those
+    of a capture that runs the whole model, and a training set that starts with the same clips finds them."""
+    from mla_registry import data
+    from mla_registry.calibration import CapturedInputs
+    from mla_registry.encoder_cache import EncoderOutputs, encoder_fingerprint, set_batches
+
+    model, processor = bundled
+    slots = {s.name: s for s in whisper.slots(model)}
+    decoder = [s.path for s in slots.values() if s.kind.startswith("decoder")]
+    settings, outputs = CalibrationSettings(REAL, 4), EncoderOutputs()
+    ctx = CalibrationContext(model, processor, settings, paths=decoder, shared=CapturedInputs(outputs, 2))
+    alone = CalibrationContext(model, processor, settings, paths=decoder)
+    for name in ("decoder.cross.0", "decoder.self.1"):
+        assert torch.equal(ctx.calibration_inputs(slots[name]), alone.calibration_inputs(slots[name]))
+        assert torch.equal(ctx.query_inputs(slots[name]), alone.query_inputs(slots[name]))
+    assert outputs.misses == 2  # 4 clips in batches of 2
+    train = set_batches(encoder_fingerprint(model), data.load(REAL, limit=6, quiet=True), 2)
+    found = [outputs.peek(key, tuple(u.id for u in batch)) is not None for batch, key in train]
+    assert found == [True, True, False]
+    # an encoder slot needs the encoder's own pass (its hooks): the cache is not asked
+    enc = slots["encoder.self.0"]
+    encoder = CalibrationContext(model, processor, settings, paths=[enc.path], shared=CapturedInputs(outputs, 2))
+    assert encoder.calibration_inputs(enc).shape == (4 * 1500, 384) and outputs.hits == 2
+
+
 def test_a_capture_is_shared_by_later_conversions_of_the_same_weights(bundled):
     """An experiment's variants convert one base model: the calibration pass runs once, each conversion records
     only the slots it converts, and the inputs are those a lone conversion of every slot sees."""

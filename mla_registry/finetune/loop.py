@@ -25,7 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import distributed, fingerprint, whisper
-from ..encoder_cache import DEFAULT_BUDGET, EncoderOutputs, TensorStore, encoder_fingerprint
+from ..encoder_cache import DEFAULT_BUDGET, EncoderOutputs, TensorStore, encoder_fingerprint, set_batches
 from ..errors import DataError, MlaRegistryError
 from ..process_memory import reuse_heap_memory
 from . import state as st
@@ -114,10 +114,10 @@ class Trainer:
         self.model.eval()
         shared = self.caches.encoder_outputs if self.encoder_frozen else None
         bs = self.caches.outputs_batch_size if shared is not None else self.cfg.batch_size
-        set_key = valid_set_key(encoder, data_fp) if shared is not None else ""
         prefix = fingerprint.of_json(key)[:12]
-        for i in tqdm(range(0, len(utts), bs), desc=desc, disable=quiet, unit="batch", leave=False):
-            batch = utts[i: i + bs]
+        i = 0
+        for batch, set_key in tqdm(set_batches(encoder, utts, bs), desc=desc, disable=quiet, unit="batch",
+                                   leave=False):
             src = shared.peek(set_key, tuple(u.id for u in batch)) if shared is not None else None
             if src is None:
                 feats = whisper.input_features(self.processor, [u.audio for u in batch], self.device, self.dtype)
@@ -125,6 +125,7 @@ class Trainer:
             for j, u in enumerate(batch):
                 store.put(f"{prefix}/{i + j}", src[j].to(self.device, self.dtype).clone())
                 items.append(Item(f"{prefix}/{i + j}", u.text, store))
+            i += len(batch)
         self.model.train(was)
         self.caches.inputs[key] = [(it.key, it.text) for it in items]
         return items
@@ -258,13 +259,6 @@ def token_mean(batches: list, losses: Callable[[Any], torch.Tensor], device: tor
     return total / max(count, 1), int(count)
 
 
-def valid_set_key(encoder: str, data: str) -> str:
-    """The key under which :func:`validation_ce` keeps a set's batches in a run's :class:`EncoderOutputs` (with
-    each batch's ids; a fine-tune looks its sets up under it), from the encoder's and the set's fingerprints:
-    apart from the test set's, since the same ids in two sets need not be the same audio."""
-    return f"{encoder}/valid/{data[:16]}"
-
-
 @torch.no_grad()
 def validation_ce(model: nn.Module, processor, utts: list, batch_size: int = 16,
                   encoder_outputs: EncoderOutputs | None = None, quiet: bool = False) -> dict[str, Any]:
@@ -273,7 +267,6 @@ def validation_ce(model: nn.Module, processor, utts: list, batch_size: int = 16,
     fine-tune's objective was), so it compares every model alike, trained or not. One pass in batches of
     ``batch_size``; the encoder outputs come from ``encoder_outputs`` when given (shared with every model whose
     encoder is identical). Returns ``ce``, ``tokens``, ``utterances`` and ``seconds``."""
-    from ..data import fingerprint_of
 
     if not utts or any(not u.text.strip() for u in utts):
         raise DataError("the validation CE needs a transcript for every validation utterance"
@@ -282,15 +275,17 @@ def validation_ce(model: nn.Module, processor, utts: list, batch_size: int = 16,
     was = model.training
     model.eval()
     param = next(model.parameters())
-    fp = valid_set_key(encoder_fingerprint(model), fingerprint_of(utts)) if encoder_outputs is not None else ""
+    encoder = encoder_fingerprint(model) if encoder_outputs is not None else ""
     bar = tqdm(total=len(utts), desc="validation CE", disable=quiet, unit="utt", leave=False)
 
-    def losses(batch: list) -> torch.Tensor:
+    def losses(keyed: tuple[list, str]) -> torch.Tensor:
+        batch, key = keyed
+
         def features() -> torch.Tensor:
             return whisper.input_features(processor, [u.audio for u in batch])
 
         if encoder_outputs is not None:
-            hidden, _ = encoder_outputs.get(model, fp, tuple(u.id for u in batch), features)
+            hidden, _ = encoder_outputs.get(model, key, tuple(u.id for u in batch), features)
         else:
             hidden = whisper.encode(model, features().to(param.device, param.dtype))
         logits, targets = teacher_forced_logits(model, processor.tokenizer, [u.text for u in batch], hidden,
@@ -299,8 +294,7 @@ def validation_ce(model: nn.Module, processor, utts: list, batch_size: int = 16,
         return cross_entropy(logits, targets)
 
     try:
-        ce, tokens = token_mean([utts[i: i + batch_size] for i in range(0, len(utts), batch_size)], losses,
-                                param.device)
+        ce, tokens = token_mean(set_batches(encoder, utts, batch_size), losses, param.device)
     finally:
         bar.close()
         model.train(was)
