@@ -173,7 +173,7 @@ class CalibrationContext:
                 state["mask"] = mask
                 if encoded is not None:
                     hidden = torch.stack(encoded[i: i + self.batch_size]).to(param.device, param.dtype)
-                    self.model.model(encoder_outputs=(hidden,), decoder_input_ids=ids, use_cache=False)
+                    self.model.base_model(encoder_outputs=(hidden,), decoder_input_ids=ids, use_cache=False)
                 else:
                     feats = whisper.input_features(self.processor, [u.audio for u in batch], param.device,
                                                    param.dtype)

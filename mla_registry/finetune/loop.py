@@ -267,7 +267,6 @@ def validation_ce(model: nn.Module, processor, utts: list, batch_size: int = 16,
     fine-tune's objective was), so it compares every model alike, trained or not. One pass in batches of
     ``batch_size``; the encoder outputs come from ``encoder_outputs`` when given (shared with every model whose
     encoder is identical). Returns ``ce``, ``tokens``, ``utterances`` and ``seconds``."""
-
     if not utts or any(not u.text.strip() for u in utts):
         raise DataError("the validation CE needs a transcript for every validation utterance"
                         + ("" if utts else " (there are none)"))
