@@ -160,7 +160,7 @@ class CalibrationContext:
         self.model.eval()
         # the run's encoder outputs serve a capture of decoder slots only (encoder slots' hooks need the encoder)
         outputs = self.shared.encoder_outputs if self.shared is not None else None
-        encoded = self._encoded(utts) if outputs is not None and all(
+        encoded = self._encoded(outputs, utts) if outputs is not None and all(
             s.kind.startswith("decoder") for s in paths.values()) else None
         try:
             for i in range(0, len(utts), self.batch_size):
@@ -186,10 +186,10 @@ class CalibrationContext:
         cross = torch.cat(kv[first_cross]) if first_cross is not None else None
         return {p: (cross if s.is_cross else queries[p]) for p, s in paths.items()}, queries, used
 
-    def _encoded(self, utts: list) -> list[torch.Tensor]:
-        """Each utterance's encoder output, from the run's :class:`EncoderOutputs` (computed there when missing,
-        in the batches a fine-tune on the same dataset looks up)."""
-        outputs, out = self.shared.encoder_outputs, []
+    def _encoded(self, outputs: EncoderOutputs, utts: list) -> list[torch.Tensor]:
+        """Each utterance's encoder output, from the run's ``outputs`` (computed there when missing, in the
+        batches a fine-tune on the same dataset looks up)."""
+        out: list[torch.Tensor] = []
         for batch, key in set_batches(encoder_fingerprint(self.model), utts, self.shared.outputs_batch_size):
             def features(batch=batch) -> torch.Tensor:
                 return whisper.input_features(self.processor, [u.audio for u in batch])

@@ -115,7 +115,6 @@ class Trainer:
         shared = self.caches.encoder_outputs if self.encoder_frozen else None
         bs = self.caches.outputs_batch_size if shared is not None else self.cfg.batch_size
         prefix = fingerprint.of_json(key)[:12]
-        i = 0
         for batch, set_key in tqdm(set_batches(encoder, utts, bs), desc=desc, disable=quiet, unit="batch",
                                    leave=False):
             src = shared.peek(set_key, tuple(u.id for u in batch)) if shared is not None else None
@@ -123,9 +122,9 @@ class Trainer:
                 feats = whisper.input_features(self.processor, [u.audio for u in batch], self.device, self.dtype)
                 src = whisper.encode(self.model, feats) if self.encoder_frozen else feats
             for j, u in enumerate(batch):
-                store.put(f"{prefix}/{i + j}", src[j].to(self.device, self.dtype).clone())
-                items.append(Item(f"{prefix}/{i + j}", u.text, store))
-            i += len(batch)
+                name = f"{prefix}/{len(items)}"  # the utterance's position in the set
+                store.put(name, src[j].to(self.device, self.dtype).clone())
+                items.append(Item(name, u.text, store))
         self.model.train(was)
         self.caches.inputs[key] = [(it.key, it.text) for it in items]
         return items
