@@ -24,15 +24,39 @@ class PreallocatedLayer(DynamicLayer):
     """A ``DynamicLayer`` whose storage is one buffer of ``capacity`` positions, filled in place.
 
     ``keys``/``values`` always name the filled prefix (a view), so everything that reads a dynamic layer
-    (``get_seq_length``, mask sizes, :func:`mla_registry.kvcache.measure`) reads this one the same way."""
+    (``get_seq_length``, mask sizes, :func:`mla_registry.kvcache.measure`) reads this one the same way. A module
+    that assigns ``keys`` or ``values`` itself (a sliding window trimming its entry) turns the layer into a plain
+    ``DynamicLayer`` from then on: the assignment drops the buffers.
+
+    A step reads only the buffers and ``length`` (never the views it handed out), so ``torch.compile`` of the
+    decoder sees no two inputs sharing storage; with the views among its inputs, aot-autograd fails on torch 2.13
+    (``merge_view_inputs``: "Expected !size_bytes_is_heap_allocated_")."""
 
     def __init__(self, capacity: int) -> None:
+        self._k: torch.Tensor | None = None
+        self._v: torch.Tensor | None = None
         super().__init__()
         self.capacity = capacity
         self.length = 0
-        self._k: torch.Tensor | None = None
-        self._v: torch.Tensor | None = None
-        self._view_k = self._view_v = None  # what this layer last handed out as keys / values
+
+    # ``keys``/``values``: what the host and the modules read; assigning them from outside is a replacement
+    @property
+    def keys(self) -> torch.Tensor | None:
+        return self._keys
+
+    @keys.setter
+    def keys(self, value: torch.Tensor | None) -> None:
+        self._keys = value
+        self._k = self._v = None
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        return self._values
+
+    @values.setter
+    def values(self, value: torch.Tensor | None) -> None:
+        self._values = value
+        self._k = self._v = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """Allocate both buffers from the first call's shapes (the module decides what it stores)."""
@@ -43,9 +67,7 @@ class PreallocatedLayer(DynamicLayer):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Write the new positions after the filled ones; return the filled prefix (views, no copy)."""
-        if self._k is not None and (self.keys is not self._view_k or self.values is not self._view_v):
-            self._k = self._v = None  # the module replaced its entry: from now on, a plain DynamicLayer
-        if self.is_initialized and self._k is None:
+        if self.is_initialized and self._k is None:  # the module replaced its entry: a plain DynamicLayer
             return super().update(key_states, value_states, *args, **kwargs)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
@@ -57,11 +79,14 @@ class PreallocatedLayer(DynamicLayer):
         self._v[..., self.length:end, :] = value_states
         self.length = end
         self._refresh()
-        return self.keys, self.values
+        return self._keys, self._values
 
     def _refresh(self) -> None:
-        self.keys = self._view_k = self._k[..., : self.length, :]
-        self.values = self._view_v = self._v[..., : self.length, :]
+        self._keys = self._k[..., : self.length, :]
+        self._values = self._v[..., : self.length, :]
+
+    def get_seq_length(self) -> int:
+        return self.length if self._k is not None else super().get_seq_length()
 
     def get_max_length(self) -> int:
         return self.capacity

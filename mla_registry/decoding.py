@@ -145,17 +145,30 @@ class LastLogits:
                                                   "")
 
 
+# Graphs torch.compile may keep for the decoder call: each DecoderStep needs about three (the prefill, the steps,
+# a batch narrowed to one row), and dynamo counts them per code object, i.e. over every DecoderStep of the process
+# (its default of 8 sends the fourth compiled model back to eager without an error).
+COMPILED_GRAPHS = 64
+
+
 class DecoderStep:
     """One decoder call on ``ids`` with the cache, returning last-position logits ``[B, vocab]``.
 
-    A separate object so that ``torch.compile`` can wrap exactly the decoder call (``compile=True``; off by
-    default: bench/README.md reports what it measured)."""
+    A separate object so that ``torch.compile`` can wrap exactly the decoder call (``compile=True``: inductor,
+    dynamic shapes). Off by default and not offered by evaluation: on the 2-core CPU it took 19-47 s to compile
+    per model and batch size, again when a decode meets a new batch size, and gained 0-9 % per step (25 % for
+    one variant at batch 1) (bench/README.md, ``bench/decode.py --compile``)."""
 
     def __init__(self, model: nn.Module, compile: bool = False, packed_logits: bool = True) -> None:
         self.decoder = model.model.decoder
         self.logits = LastLogits(model.proj_out) if packed_logits else model.proj_out
         self.cache_kwarg = host_cache_kwarg()
-        self.body = torch.compile(self._decode, dynamic=True) if compile else self._decode
+        self.body = self._decode
+        if compile:
+            import torch._dynamo
+
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILED_GRAPHS)
+            self.body = torch.compile(self._decode, dynamic=True)
 
     def _decode(self, ids: torch.Tensor, hidden: torch.Tensor, cache) -> torch.Tensor:
         out = self.decoder(input_ids=ids, encoder_hidden_states=hidden, use_cache=True, **{self.cache_kwarg: cache})

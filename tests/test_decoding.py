@@ -156,3 +156,21 @@ def test_a_module_that_replaces_its_entry_keeps_a_dynamic_layer():
     layer.keys, layer.values = layer.keys[..., -2:, :], layer.values[..., -2:, :]  # keep the last two
     keys, _ = layer.update(torch.zeros(1, 1, 1, 2), torch.zeros(1, 1, 1, 2))
     assert keys.shape[-2] == 3 and torch.equal(keys[..., -1, :], torch.zeros(1, 1, 2))
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # inductor's
+def test_compiled_step_gives_the_loops_tokens(tiny):
+    """``DecoderStep(compile=True)`` (torch.compile, dynamic shapes): past the prefill, through rows dropped from
+    the batch (recompilations) and for a second model in the same process, the tokens are the plain loop's.
+    With the preallocated cache's views among the graph's inputs, aot-autograd failed at the first
+    recompilation on torch 2.13 ("Expected !size_bytes_is_heap_allocated_")."""
+    base, processor, _, hidden = tiny
+    mla = copy.deepcopy(base)
+    convert_model(mla, processor, VARIANTS["mla192"])
+    mla.eval()
+    for model in (base, mla):
+        plain = decoding.greedy(model, hidden, 96).sequences
+        compiled = decoding.greedy(model, hidden, 96, step=decoding.DecoderStep(model, compile=True)).sequences
+        assert torch.equal(compiled, plain)
+        assert len({row.index(50256) for row in plain.tolist()}) > 2  # rows ended at different steps: dropped
