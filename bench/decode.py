@@ -74,6 +74,7 @@ DEFAULT_VARIANTS: dict[str, dict[str, Any]] = {
 }
 STOCK = "stock"
 DECODERS = (*measure.DECODERS, ort.NAME)  # generate, loop (PyTorch) and onnxruntime (the variant's ONNX export)
+COMPILED = "loop+compile"  # the loop with its decoder call through torch.compile: rows added by --compile
 VARIANT_KEYS = {"specs", "batch_sizes", "decoders", "end_to_end"}
 
 
@@ -170,7 +171,13 @@ def benchmark(args: argparse.Namespace, variants: list[Variant]) -> dict[str, An
     if not utts:
         raise SystemExit(f"{args.data}: no utterances")
     build_variants(args, variants, base, processor)
-    steps_of = {v.name: decoding.DecoderStep(v.model, compile=args.compile) for v in variants}
+    steps_of = {(v.name, "loop"): decoding.DecoderStep(v.model) for v in variants}
+    if args.compile:  # a compiled loop beside the plain one, for every variant that runs the loop
+        for v in variants:
+            if "loop" in v.decoders:
+                at = v.decoders.index("loop") + 1
+                v.decoders = (*v.decoders[:at], COMPILED, *v.decoders[at:])
+                steps_of[(v.name, COMPILED)] = decoding.DecoderStep(v.model, compile=True)
     notes: list[str] = []
     exports = export_variants(args, variants, processor, notes)
     try:
@@ -204,6 +211,7 @@ def _benchmark(args, variants, base, processor, utts, steps_of, exports, notes, 
     log(args, f"memory bandwidth (copy, read + write): {bandwidth / 1e9:.1f} GB/s; matmul {rate / 1e9:.0f} GFLOP/s")
     results: list[dict[str, Any]] = []
     feats_by_batch: dict[int, torch.Tensor] = {}
+    compile_s: dict[tuple[str, int], float] = {}
     prompt = whisper.prompt_ids(base)
     eos = measure.eos_ids(base)
     for batch in args.batch_sizes:
@@ -214,17 +222,22 @@ def _benchmark(args, variants, base, processor, utts, steps_of, exports, notes, 
         runs = [(v, d) for v in variants if v.batch_sizes is None or batch in v.batch_sizes for d in v.decoders]
         # one step's arithmetic per variant (the same model through every decoder), counted once, untimed
         models_run = {v.name: v.model for v, _ in runs}
-        flops = {name: measure.step_flops(model, hidden, steps_of[name]) for name, model in models_run.items()}
+        flops = {name: measure.step_flops(model, hidden, steps_of[(name, "loop")])
+                 for name, model in models_run.items()}
         log(args, f"batch {batch}: encoder {1e3 * encoder_s:.0f} ms; {', '.join(f'{v.name}/{d}' for v, d in runs)}")
 
         def decode(v: Variant, d: str, steps: int, forced: bool, memory: bool = False,
                    hidden: torch.Tensor = hidden) -> dict[str, Any]:
             if d == ort.NAME:
                 return ort.run_decode(exports.runtimes[v.name], hidden, steps, forced)
-            return measure.run_decode(d, v.model, hidden, steps, forced, device, memory, steps_of[v.name])
+            return measure.run_decode("loop" if d == COMPILED else d, v.model, hidden, steps, forced, device, memory,
+                                      steps_of.get((v.name, d)))
 
-        for v, d in runs:  # warm-up
+        for v, d in runs:  # warm-up (for the compiled loop: tracing and compiling its graphs)
+            t0 = time.perf_counter()
             decode(v, d, min(8, args.steps), True)
+            if d == COMPILED:
+                compile_s[(v.name, batch)] = time.perf_counter() - t0
         forced: dict[tuple[str, str], list[dict[str, Any]]] = {(v.name, d): [] for v, d in runs}
         for _ in range(args.reps):  # interleaved: each repetition runs every variant and decoder back to back
             for v, d in runs:
@@ -234,13 +247,14 @@ def _benchmark(args, variants, base, processor, utts, steps_of, exports, notes, 
         natural = {(v.name, d): decode(v, d, args.natural_max, False) for v, d in runs} if args.natural_max else {}
         for v, d in runs:
             row = step_row(args, base, v, d, batch, forced[(v.name, d)], bandwidth, len(prompt), flops[v.name], rate)
-            row.update(encoder_ms=1e3 * encoder_s, peak_memory_bytes=peaks.get((v.name, d)))
+            row.update(encoder_ms=1e3 * encoder_s, peak_memory_bytes=peaks.get((v.name, d)),
+                       compile_s=compile_s.get((v.name, batch)) if d == COMPILED else None)
             if (v.name, d) in natural:
                 n = natural[(v.name, d)]
                 row.update(natural_tok_s=n["tokens"] / n["seconds"], natural_tokens=n["tokens"],
                            natural_steps=n["steps"])
             other = forced.get((v.name, "generate")), natural.get((v.name, "generate"))
-            if d in ("loop", ort.NAME) and other[0]:  # the loop and the export must give generate()'s tokens
+            if d in ("loop", COMPILED, ort.NAME) and other[0]:  # the loops and the export: generate()'s tokens?
                 row["tokens_match_generate"] = measure.same_tokens(
                     forced[(v.name, d)][0]["sequences"], other[0][0]["sequences"], eos) and (
                     other[1] is None or measure.same_tokens(natural[(v.name, d)]["sequences"], other[1]["sequences"],
@@ -253,6 +267,8 @@ def _benchmark(args, variants, base, processor, utts, steps_of, exports, notes, 
         results += ct2.step_rows(ct2_model, args, feats_by_batch, prompt, min(eos), notes)
     e2e = end_to_end_rows(args, variants, steps_of, base, processor, utts, ct2_model, exports, device, dtype)
     add_ratios(results, e2e)
+    if compile_s:
+        notes.append(compile_note(results, compile_s))
     return {
         "machine": machine(device, bandwidth, rate), "model": args.model, "data": args.data, "dtype": args.dtype,
         "steps": args.steps, "natural_max": args.natural_max, "repetitions": args.reps,
@@ -330,7 +346,8 @@ def end_to_end_rows(args, variants: list[Variant], steps_of, base, processor, ut
     def torch_row(v: Variant, d: str):
         def run(feats, hidden, encoder_s):
             t0 = time.perf_counter()
-            seqs = measure.run_decode(d, v.model, hidden, max_new, False, device, step=steps_of[v.name])["sequences"]
+            seqs = measure.run_decode(d, v.model, hidden, max_new, False, device,
+                                      step=steps_of.get((v.name, d)))["sequences"]
             decode_s = time.perf_counter() - t0
             return {"encoder_s": encoder_s, "decode_s": decode_s, "tokens": _cut([seqs], eos),
                     "counted": measure.count_tokens(seqs, eos)}
@@ -392,8 +409,11 @@ def add_ratios(results: list[dict[str, Any]], e2e: list[dict[str, Any]]) -> None
             if "max_batch_in_budget" in r:
                 r["budget_batch_vs_stock"] = r["max_batch_in_budget"] / max(s["max_batch_in_budget"], 1)
         g = by_key.get((r["variant"], "generate", r["batch"]))
-        if r["decoder"] == "loop" and g is not None:
+        if r["decoder"] in ("loop", COMPILED) and g is not None:
             r["loop_vs_generate"] = r["forced_tok_s"] / g["forced_tok_s"]
+        plain = by_key.get((r["variant"], "loop", r["batch"]))
+        if r["decoder"] == COMPILED and plain is not None:
+            r["compiled_vs_loop"] = r["forced_tok_s"] / plain["forced_tok_s"]
         if r["variant"] == ct2.NAME and s is not None:  # no cache or floor figures of its own: the stock ones
             r["floor_ms"], r["flop_floor_ms"] = s["floor_ms"], s["flop_floor_ms"]
             r["step_over_floor"] = r["ms_per_step"] / r["floor_ms"]
@@ -402,6 +422,16 @@ def add_ratios(results: list[dict[str, Any]], e2e: list[dict[str, Any]]) -> None
     for r in e2e:
         if r["batch"] in ct2_e2e:
             r["vs_ct2"] = r["utt_s"] / ct2_e2e[r["batch"]]["utt_s"]
+
+
+def compile_note(results: list[dict[str, Any]], compile_s: dict[tuple[str, int], float]) -> str:
+    """What torch.compile cost (the warm-up call: tracing and compiling) and bought (forced tok/s over the plain
+    loop's), per variant and batch size."""
+    parts = [f"{r['variant']} b{r['batch']}: {fmt(r.get('compiled_vs_loop'), '.2f')}x after "
+             f"{compile_s[(r['variant'], r['batch'])]:.0f} s" for r in results
+             if r["decoder"] == COMPILED and (r["variant"], r["batch"]) in compile_s]
+    return ("loop+compile: the loop's decoder call through torch.compile(dynamic=True) (inductor); forced tok/s "
+            "over the plain loop's, after the warm-up call that traced and compiled it: " + "; ".join(parts))
 
 
 def targets(results: list[dict[str, Any]], e2e: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -500,8 +530,7 @@ def table(report: dict[str, Any], tablefmt: str = "github") -> str:
             f"≤ {report['natural_max']}, median of {report['repetitions']}; {m['cpu']} ({m['cores']} cores, "
             f"{m['torch_threads']} torch threads), {m['device']}, copy bandwidth "
             f"{m['memory_bandwidth_gb_s']:.1f} GB/s, matmul {m['matmul_gflop_s']:.0f} GFLOP/s; "
-            f"torch {m['torch']}; loop step compiled: "
-            f"{'yes' if report['compile'] else 'no'}")
+            f"torch {m['torch']}{'; with compiled-loop rows' if report['compile'] else ''}")
     out = head + "\n\n" + step_table(report, tablefmt)
     if report["end_to_end"]:
         out += (f"\n\nEnd to end (encoder + greedy decode, natural lengths), {report['e2e_clips']} clips:\n\n"
@@ -539,7 +568,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", default="bench/decode.json", help="where to write the JSON report ('' to skip)")
     p.add_argument("--e2e-clips", type=int, default=32, help="clips of the end-to-end rows (0: skip them)")
     p.add_argument("--e2e-batch-sizes", default="1,16", help="window sizes of the end-to-end rows")
-    p.add_argument("--compile", action="store_true", help="torch.compile the loop's decoder step")
+    p.add_argument("--compile", action="store_true",
+                   help=f"add {COMPILED} rows: the loop with its decoder call through torch.compile")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]

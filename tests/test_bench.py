@@ -126,3 +126,23 @@ def test_benchmark_smoke(tmp_path, capsys):
             assert onnx["forced_vs_stock"] == pytest.approx(
                 onnx["forced_tok_s"] / rows[("stock", "onnxruntime", batch)]["forced_tok_s"])
         assert e2e[(name, "onnxruntime", 2)]["same_tokens_as_loop"] == 3
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # inductor's
+def test_compiled_loop_rows(tmp_path):
+    """--compile adds a loop+compile row beside each loop row: generate()'s tokens, its ratio to the plain loop
+    from the two rows, and what compiling cost in the notes."""
+    bench = load_bench()
+    report = bench.main([
+        "--batch-sizes", "1,2", "--steps", "3", "--reps", "1", "--natural-max", "4", "--clips", "2",
+        "--e2e-clips", "0", "--threads", "1", "--quiet", "--json", "", "--no-memory", "--no-ct2", "--no-ort",
+        "--variant", "stock", "--compile",
+    ])
+    rows = {(r["variant"], r["decoder"], r["batch"]): r for r in report["results"]}
+    for batch in (1, 2):
+        compiled, plain = rows[("stock", bench.COMPILED, batch)], rows[("stock", "loop", batch)]
+        assert compiled["tokens_match_generate"] is True and compiled["forced_steps"] == 3
+        assert compiled["compiled_vs_loop"] == pytest.approx(compiled["forced_tok_s"] / plain["forced_tok_s"])
+        assert compiled["compile_s"] > 0 and "compiled_vs_loop" not in plain
+    assert any(n.startswith("loop+compile:") and "stock b2" in n for n in report["notes"])
